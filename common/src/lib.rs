@@ -1,0 +1,3 @@
+//! Code shared by twill's CNI plugins, the `twilld` daemon and the tests.
+
+pub mod fsutil;

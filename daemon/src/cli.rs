@@ -1,0 +1,88 @@
+//! Command line of `twilld`. Flag names follow flanneld where flanneld has one;
+//! every flag can also be set as `TWILLD_<FLAG>` in the environment.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "twilld", version, about = "twill node daemon: subnet lease, overlay, CNI config")]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Copy the CNI plugin binaries into the CNI bin dir atomically (init container).
+    InstallCni(crate::install_cni::InstallCniArgs),
+    /// Write the network config to etcd once, if it is absent.
+    InitNetwork(crate::init_network::InitNetworkArgs),
+}
+
+/// How to reach etcd; shared by the daemon and `init-network`.
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// Comma-separated etcd endpoints.
+    #[arg(long, env = "TWILLD_ETCD_ENDPOINTS", value_delimiter = ',',
+          default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379")]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of the network (flannel's schema).
+    #[arg(long, env = "TWILLD_ETCD_PREFIX", default_value = "/coreos.com/network")]
+    pub etcd_prefix: String,
+    /// CA bundle that signs the etcd server certificate.
+    #[arg(long, env = "TWILLD_ETCD_CAFILE")]
+    pub etcd_cafile: Option<PathBuf>,
+    /// Client certificate; TLS is used when both certfile and keyfile are set.
+    #[arg(long, env = "TWILLD_ETCD_CERTFILE")]
+    pub etcd_certfile: Option<PathBuf>,
+    /// Client key.
+    #[arg(long, env = "TWILLD_ETCD_KEYFILE")]
+    pub etcd_keyfile: Option<PathBuf>,
+    #[arg(long, env = "TWILLD_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+    #[arg(long, env = "TWILLD_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Underlay interface, by name or by one of its IPs (default: the default-route interface).
+    #[arg(long, env = "TWILLD_IFACE")]
+    pub iface: Option<String>,
+    /// IP to advertise to peers (default: the interface's first IPv4 address).
+    #[arg(long, env = "TWILLD_PUBLIC_IP")]
+    pub public_ip: Option<IpAddr>,
+    /// Masquerade traffic from pods to outside the pod network.
+    #[arg(long, env = "TWILLD_IP_MASQ")]
+    pub ip_masq: bool,
+    /// flannel-format subnet file read by the `twill` CNI plugin.
+    #[arg(long, env = "TWILLD_SUBNET_FILE", default_value = "/run/twill/subnet.env")]
+    pub subnet_file: PathBuf,
+    #[arg(long, env = "TWILLD_HEALTHZ_IP", default_value = "0.0.0.0")]
+    pub healthz_ip: IpAddr,
+    /// Port of /healthz, /readyz and /metrics; 0 disables the server.
+    #[arg(long, env = "TWILLD_HEALTHZ_PORT", default_value_t = 0)]
+    pub healthz_port: u16,
+    /// Where the CNI conflist is written once the node is ready.
+    #[arg(long, env = "TWILLD_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// Where the CNI plugins live (portmap is chained only if it is found here).
+    #[arg(long, env = "TWILLD_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// Base of the plugins' data dirs (IPAM store, meta plugin state).
+    #[arg(long, env = "TWILLD_CNI_DATA_DIR", default_value = "/var/lib/cni")]
+    pub cni_data_dir: PathBuf,
+    /// twilld's own state (VTEP MAC, previous network for rule cleanup).
+    #[arg(long, env = "TWILLD_STATE_DIR", default_value = "/var/lib/twill")]
+    pub state_dir: PathBuf,
+    /// TTL of the subnet lease in etcd, in seconds (renewed before expiry).
+    #[arg(long, env = "TWILLD_LEASE_TTL", default_value_t = 86_400)]
+    pub lease_ttl: u64,
+}

@@ -1,0 +1,8 @@
+//! Harness for twill's root-only integration tests, benchmarks and the `twill-lab` command.
+//!
+//! Everything here creates resources inside network namespaces it owns and removes them
+//! on drop, so a failing test leaves nothing behind in the machine's root namespace.
+
+pub mod bins;
+pub mod netns;
+pub mod sh;
