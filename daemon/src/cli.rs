@@ -16,12 +16,10 @@ pub struct Cli {
     pub run: RunArgs,
 }
 
+/// Subcommands besides the daemon itself (which runs when none is given).
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Copy the CNI plugin binaries into the CNI bin dir atomically (init container).
-    InstallCni(crate::install_cni::InstallCniArgs),
-    /// Write the network config to etcd once, if it is absent.
-    InitNetwork(crate::init_network::InitNetworkArgs),
+    // `install-cni` and `init-network` are added here by the deployment work (issue 5).
 }
 
 /// How to reach etcd; shared by the daemon and `init-network`.
