@@ -1,3 +1,4 @@
 //! Code shared by twill's CNI plugins, the `twilld` daemon and the tests.
 
 pub mod fsutil;
+pub mod subnet_env;
