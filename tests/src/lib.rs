@@ -4,5 +4,7 @@
 //! on drop, so a failing test leaves nothing behind in the machine's root namespace.
 
 pub mod bins;
+pub mod etcd;
 pub mod netns;
 pub mod sh;
+pub mod underlay;

@@ -1,0 +1,330 @@
+//! A throw-away etcd (Debian's `/usr/bin/etcd` 3.4) for tests and benches.
+//!
+//! ```ignore
+//! let ul = Underlay::new();                       // bridge namespace, 192.168.100.0/24
+//! let etcd = Etcd::start_in(ul.ns_name(), &ul.etcd_ip().to_string());
+//! etcd.etcdctl(&["put", "/coreos.com/network/config", r#"{"Network":"10.5.0.0/16"}"#]);
+//! let endpoint = etcd.endpoint();                 // http://192.168.100.254:2379
+//! ```
+//! The guard owns a temp data dir and the etcd process; it kills the process **by PID** and
+//! removes the data dir on drop. `stop()`/`start()` restart it on the same data dir (outage
+//! tests). [`Etcd::start_loopback`] runs it on 127.0.0.1 with free ports instead.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ETCD: &str = "/usr/bin/etcd";
+pub const ETCDCTL: &str = "/usr/bin/etcdctl";
+
+/// A running (or stopped) single-member etcd.
+pub struct Etcd {
+    netns: Option<String>,
+    ip: String,
+    client_port: u16,
+    peer_port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free loopback port")
+}
+
+impl Etcd {
+    /// etcd listening on `ip`:2379 (peer :2380) inside the named netns.
+    pub fn start_in(netns: &str, ip: &str) -> Etcd {
+        Etcd::launch(Some(netns.to_string()), ip.to_string(), 2379, 2380)
+    }
+
+    /// etcd on 127.0.0.1 of the root namespace, on two free ports.
+    pub fn start_loopback() -> Etcd {
+        Etcd::launch(None, "127.0.0.1".to_string(), free_port(), free_port())
+    }
+
+    fn launch(netns: Option<String>, ip: String, client_port: u16, peer_port: u16) -> Etcd {
+        let dir = tempfile::Builder::new()
+            .prefix("twill-etcd")
+            .tempdir()
+            .expect("etcd temp dir");
+        let mut e = Etcd {
+            netns,
+            ip,
+            client_port,
+            peer_port,
+            dir,
+            child: None,
+        };
+        e.start();
+        e
+    }
+
+    /// Client URL, e.g. `http://192.168.100.254:2379`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}:{}", self.ip, self.client_port)
+    }
+
+    /// The data dir (a `data` folder below it) and log file live here.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// etcd's log (stdout+stderr of every start), for failure messages.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    /// PID of the running etcd, if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Starts etcd (again) on the same data dir and waits until it answers.
+    pub fn start(&mut self) {
+        if self.child.is_some() {
+            return;
+        }
+        let peer = format!("http://{}:{}", self.ip, self.peer_port);
+        let client = self.endpoint();
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("etcd log");
+        let mut argv: Vec<String> = Vec::new();
+        if let Some(ns) = &self.netns {
+            // `ip netns exec` execs the program, so the child's PID is etcd's own.
+            argv.extend(["ip", "netns", "exec", ns].map(String::from));
+        }
+        argv.push(ETCD.to_string());
+        argv.extend([
+            "--name".to_string(),
+            "twill-test".to_string(),
+            "--data-dir".to_string(),
+            self.dir.path().join("data").display().to_string(),
+            "--listen-client-urls".to_string(),
+            client.clone(),
+            "--advertise-client-urls".to_string(),
+            client,
+            "--listen-peer-urls".to_string(),
+            peer.clone(),
+            "--initial-advertise-peer-urls".to_string(),
+            peer.clone(),
+            "--initial-cluster".to_string(),
+            format!("twill-test={peer}"),
+            "--initial-cluster-state".to_string(),
+            "new".to_string(),
+            "--logger".to_string(),
+            "zap".to_string(),
+            "--log-outputs".to_string(),
+            "stderr".to_string(),
+            "--log-level".to_string(),
+            "warn".to_string(),
+        ]);
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn etcd");
+        self.child = Some(child);
+        self.wait_healthy(Duration::from_secs(30));
+    }
+
+    fn wait_healthy(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                panic!(
+                    "etcd exited with {status}: {}",
+                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                );
+            }
+            let out = self.etcdctl_output(&["endpoint", "health", "--command-timeout=1s"]);
+            if out.status.success() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "etcd not healthy after {timeout:?}: {}",
+                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops etcd (SIGTERM, then SIGKILL after 5 s) by its PID; the data dir stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `etcdctl` (API v3) against this etcd, run in its namespace; panics on failure, returns stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let out = self.etcdctl_output(args);
+        assert!(
+            out.status.success(),
+            "etcdctl {:?} failed: {}{}",
+            args,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Like [`Etcd::etcdctl`] but returns the output whatever the status.
+    pub fn etcdctl_output(&self, args: &[&str]) -> Output {
+        self.etcdctl_cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn etcdctl")
+    }
+
+    /// `etcdctl` with `stdin` fed in (e.g. `txn` or many `put`s via `-w` scripts).
+    pub fn etcdctl_with_input(&self, args: &[&str], stdin: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .etcdctl_cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn etcdctl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin)
+            .expect("etcdctl stdin");
+        child.wait_with_output().expect("wait etcdctl")
+    }
+
+    fn etcdctl_cmd(&self, args: &[&str]) -> Command {
+        let endpoints = format!("--endpoints={}", self.endpoint());
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, ETCDCTL]);
+                c
+            }
+            None => Command::new(ETCDCTL),
+        };
+        cmd.env("ETCDCTL_API", "3").arg(endpoints).args(args);
+        cmd
+    }
+
+    /// The store's current revision.
+    pub fn revision(&self) -> i64 {
+        let out = self.etcdctl(&["endpoint", "status", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("endpoint status json");
+        v[0]["Status"]["header"]["revision"]
+            .as_i64()
+            .expect("revision in endpoint status")
+    }
+
+    /// Compacts the history up to the current revision (watchers behind it get ErrCompacted).
+    pub fn compact(&self) -> i64 {
+        let rev = self.revision();
+        self.etcdctl(&["compact", &rev.to_string(), "--physical"]);
+        rev
+    }
+
+    /// Value of `key`, or None.
+    pub fn get(&self, key: &str) -> Option<String> {
+        let out = self.etcdctl(&["get", key, "--print-value-only"]);
+        let v = out.trim_end_matches('\n');
+        if v.is_empty() {
+            None
+        } else {
+            Some(v.to_string())
+        }
+    }
+
+    /// `(key, value)` pairs under `prefix`.
+    pub fn get_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        let out = self.etcdctl(&["get", prefix, "--prefix", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("get json");
+        let b64 = |s: &serde_json::Value| decode_b64(s.as_str().unwrap_or_default());
+        v["kvs"]
+            .as_array()
+            .map(|kvs| {
+                kvs.iter()
+                    .map(|kv| (b64(&kv["key"]), b64(&kv["value"])))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The etcd lease ID (decimal) a key is bound to, 0 when none.
+    pub fn key_lease(&self, key: &str) -> i64 {
+        let out = self.etcdctl(&["get", key, "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("get json");
+        v["kvs"][0]["lease"].as_i64().unwrap_or(0)
+    }
+}
+
+/// Minimal standard base64 decoder for etcdctl's JSON output (keys/values are base64).
+fn decode_b64(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => continue,
+        } as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64() {
+        assert_eq!(super::decode_b64("L2NvcmVvcy5jb20="), "/coreos.com");
+        assert_eq!(super::decode_b64("YWJj"), "abc");
+    }
+}
