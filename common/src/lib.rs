@@ -1,4 +1,5 @@
 //! Code shared by twill's CNI plugins, the `twilld` daemon and the tests.
 
+pub mod cni;
 pub mod fsutil;
 pub mod subnet_env;
