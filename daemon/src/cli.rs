@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "twilld", version, about = "twill node daemon: subnet lease, overlay, CNI config")]
+#[command(
+    name = "twilld",
+    version,
+    about = "twill node daemon: subnet lease, overlay, CNI config"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
@@ -19,18 +23,30 @@ pub struct Cli {
 /// Subcommands besides the daemon itself (which runs when none is given).
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    // `install-cni` and `init-network` are added here by the deployment work (issue 5).
+    /// Copy the CNI plugins shipped in the image into the node's CNI bin dir, atomically
+    /// (the DaemonSet's init container).
+    InstallCni(crate::install_cni::InstallCniArgs),
+    /// Store the network config (`<prefix>/config`) in etcd unless an equal one is there.
+    InitNetwork(crate::init_network::InitNetworkArgs),
 }
 
 /// How to reach etcd; shared by the daemon and `init-network`.
 #[derive(Debug, Clone, Args)]
 pub struct EtcdArgs {
     /// Comma-separated etcd endpoints.
-    #[arg(long, env = "TWILLD_ETCD_ENDPOINTS", value_delimiter = ',',
-          default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "TWILLD_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379"
+    )]
     pub etcd_endpoints: Vec<String>,
     /// Key prefix of the network (flannel's schema).
-    #[arg(long, env = "TWILLD_ETCD_PREFIX", default_value = "/coreos.com/network")]
+    #[arg(
+        long,
+        env = "TWILLD_ETCD_PREFIX",
+        default_value = "/coreos.com/network"
+    )]
     pub etcd_prefix: String,
     /// CA bundle that signs the etcd server certificate.
     #[arg(long, env = "TWILLD_ETCD_CAFILE")]
@@ -61,7 +77,11 @@ pub struct RunArgs {
     #[arg(long, env = "TWILLD_IP_MASQ")]
     pub ip_masq: bool,
     /// flannel-format subnet file read by the `twill` CNI plugin.
-    #[arg(long, env = "TWILLD_SUBNET_FILE", default_value = "/run/twill/subnet.env")]
+    #[arg(
+        long,
+        env = "TWILLD_SUBNET_FILE",
+        default_value = "/run/twill/subnet.env"
+    )]
     pub subnet_file: PathBuf,
     #[arg(long, env = "TWILLD_HEALTHZ_IP", default_value = "0.0.0.0")]
     pub healthz_ip: IpAddr,

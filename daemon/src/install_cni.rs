@@ -1,0 +1,311 @@
+//! `twilld install-cni`: copies the CNI plugins shipped in the image into the node's CNI bin
+//! dir (the DaemonSet's init container).
+//!
+//! The container runtime may exec a plugin at any moment, including while a previous version
+//! is running, so every binary goes temp file in the destination dir → fsync → chmod 0755 →
+//! rename. Writing in place would fail with ETXTBSY while the old binary runs, and would let
+//! a concurrent exec see a half-written file.
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime};
+
+use clap::Args;
+
+/// twill's own plugins: always installed, replaced when the image carries another version.
+pub const PLUGINS: [&str; 4] = [
+    "twill",
+    "twill-bridge",
+    "twill-host-local",
+    "twill-loopback",
+];
+
+/// Reference plugins the image may carry as a fallback: installed only when the node has none,
+/// never replaced (the node's package manager or another add-on owns them).
+pub const FALLBACK_PLUGINS: [&str; 1] = ["portmap"];
+
+const BIN_MODE: u32 = 0o755;
+/// Temp files of ours older than this are leftovers of a crashed run, not a concurrent one.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(600);
+const TEMP_MARK: &str = ".twill-tmp.";
+
+#[derive(Debug, Clone, Args)]
+pub struct InstallCniArgs {
+    /// Directory (inside the image) holding the plugin binaries to install.
+    #[arg(long, env = "TWILLD_SRC_DIR", default_value = "/opt/twill/bin")]
+    pub src_dir: PathBuf,
+    /// The node's CNI plugin directory (a hostPath mount).
+    #[arg(long, env = "TWILLD_DEST_DIR", default_value = "/opt/cni/bin")]
+    pub dest_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("plugin {0} is missing from the source dir {1} (broken image?)")]
+    MissingPlugin(String, PathBuf),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> InstallError + 'a {
+    move |source| InstallError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What happened to one plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Written (new or replaced).
+    Installed,
+    /// Already identical; left alone (its mode fixed if needed).
+    Unchanged,
+    /// A fallback plugin the node already has; left alone.
+    KeptNodeCopy,
+    /// A fallback plugin the image does not ship.
+    NotShipped,
+}
+
+/// Installs every plugin and logs what it did. Fails on the first error, leaving
+/// already-installed plugins in place (each one is complete on its own).
+pub fn run(args: &InstallCniArgs) -> Result<(), InstallError> {
+    for name in PLUGINS {
+        if !args.src_dir.join(name).is_file() {
+            return Err(InstallError::MissingPlugin(
+                name.to_string(),
+                args.src_dir.clone(),
+            ));
+        }
+    }
+    if !args.dest_dir.is_dir() {
+        fs::create_dir_all(&args.dest_dir).map_err(io_err("create dir", &args.dest_dir))?;
+        fs::set_permissions(&args.dest_dir, fs::Permissions::from_mode(BIN_MODE))
+            .map_err(io_err("chmod", &args.dest_dir))?;
+    }
+    remove_stale_temps(&args.dest_dir);
+
+    for name in PLUGINS {
+        let outcome = install_one(&args.src_dir.join(name), &args.dest_dir, name)?;
+        tracing::info!(plugin = name, ?outcome, dest = %args.dest_dir.display(), "install-cni");
+    }
+    for name in FALLBACK_PLUGINS {
+        let src = args.src_dir.join(name);
+        let dest = args.dest_dir.join(name);
+        let outcome = if !src.is_file() {
+            Outcome::NotShipped
+        } else if fs::symlink_metadata(&dest).is_ok() {
+            Outcome::KeptNodeCopy
+        } else {
+            install_one(&src, &args.dest_dir, name)?
+        };
+        tracing::info!(plugin = name, ?outcome, dest = %args.dest_dir.display(), "install-cni");
+    }
+    Ok(())
+}
+
+/// Installs `src` as `dest_dir/name` unless an identical file is already there.
+pub fn install_one(src: &Path, dest_dir: &Path, name: &str) -> Result<Outcome, InstallError> {
+    let dest = dest_dir.join(name);
+    if same_contents(src, &dest).map_err(io_err("compare", &dest))? {
+        let mode = fs::metadata(&dest)
+            .map_err(io_err("stat", &dest))?
+            .permissions()
+            .mode();
+        if mode & 0o7777 != BIN_MODE {
+            // chmod of the existing inode is atomic; no need to rewrite it.
+            fs::set_permissions(&dest, fs::Permissions::from_mode(BIN_MODE))
+                .map_err(io_err("chmod", &dest))?;
+        }
+        return Ok(Outcome::Unchanged);
+    }
+
+    let tmp = temp_path(dest_dir, name);
+    let result = write_temp_and_rename(src, &tmp, &dest, dest_dir);
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map(|()| Outcome::Installed)
+}
+
+fn write_temp_and_rename(
+    src: &Path,
+    tmp: &Path,
+    dest: &Path,
+    dir: &Path,
+) -> Result<(), InstallError> {
+    let mut input = File::open(src).map_err(io_err("open", src))?;
+    // O_EXCL: never write through a file someone else created (or a symlink planted) there.
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o700)
+        .open(tmp)
+        .map_err(io_err("create", tmp))?;
+    io::copy(&mut input, &mut out).map_err(io_err("copy to", tmp))?;
+    out.set_permissions(fs::Permissions::from_mode(BIN_MODE))
+        .map_err(io_err("chmod", tmp))?;
+    out.sync_all().map_err(io_err("fsync", tmp))?;
+    // Close before the rename: an exec of a file still open for writing fails with ETXTBSY.
+    drop(out);
+    fs::rename(tmp, dest).map_err(io_err("rename to", dest))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))
+}
+
+fn temp_path(dir: &Path, name: &str) -> PathBuf {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let mut file = OsString::from(".");
+    file.push(name);
+    file.push(format!(
+        "{TEMP_MARK}{}.{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    dir.join(file)
+}
+
+/// Whether `dest` is a regular file with exactly the bytes of `src`.
+fn same_contents(src: &Path, dest: &Path) -> io::Result<bool> {
+    let dmeta = match fs::symlink_metadata(dest) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if !dmeta.is_file() || dmeta.len() != fs::metadata(src)?.len() {
+        return Ok(false);
+    }
+    let (mut a, mut b) = (File::open(src)?, File::open(dest)?);
+    let (mut ba, mut bb) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    loop {
+        let n = read_full(&mut a, &mut ba)?;
+        let m = read_full(&mut b, &mut bb)?;
+        if n != m || ba[..n] != bb[..m] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match f.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Removes our temp files left by a run that died between create and rename. Young ones may
+/// belong to a concurrent install (a rolling update overlapping pods) and are kept.
+fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !name.starts_with('.') || !name.contains(TEMP_MARK) {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|age| age > STALE_TEMP_AGE);
+        if old {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn write(p: &Path, data: &[u8]) {
+        fs::write(p, data).unwrap();
+    }
+
+    #[test]
+    fn installs_skips_identical_and_keeps_node_fallbacks() {
+        let src = tempfile::tempdir().unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        for name in PLUGINS {
+            write(&src.path().join(name), name.as_bytes());
+        }
+        write(&src.path().join("portmap"), b"image portmap");
+        write(&dest.path().join("portmap"), b"node portmap");
+        let args = InstallCniArgs {
+            src_dir: src.path().into(),
+            dest_dir: dest.path().into(),
+        };
+        run(&args).unwrap();
+        let ino = fs::metadata(dest.path().join("twill")).unwrap().ino();
+        for name in PLUGINS {
+            let p = dest.path().join(name);
+            assert_eq!(fs::read(&p).unwrap(), name.as_bytes());
+            assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o755);
+        }
+        assert_eq!(
+            fs::read(dest.path().join("portmap")).unwrap(),
+            b"node portmap"
+        );
+
+        run(&args).unwrap();
+        assert_eq!(
+            fs::metadata(dest.path().join("twill")).unwrap().ino(),
+            ino,
+            "identical file rewritten"
+        );
+        assert_eq!(
+            install_one(&src.path().join("twill"), dest.path(), "twill").unwrap(),
+            Outcome::Unchanged
+        );
+        write(&src.path().join("twill"), b"new twill");
+        assert_eq!(
+            install_one(&src.path().join("twill"), dest.path(), "twill").unwrap(),
+            Outcome::Installed
+        );
+        assert_eq!(fs::read(dest.path().join("twill")).unwrap(), b"new twill");
+        let leftovers: Vec<_> = fs::read_dir(dest.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(TEMP_MARK))
+            .collect();
+        assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+    }
+
+    #[test]
+    fn missing_plugin_fails_before_touching_dest() {
+        let src = tempfile::tempdir().unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        write(&src.path().join("twill"), b"x");
+        let err = run(&InstallCniArgs {
+            src_dir: src.path().into(),
+            dest_dir: dest.path().into(),
+        })
+        .unwrap_err();
+        assert!(matches!(err, InstallError::MissingPlugin(ref n, _) if n == "twill-bridge"));
+        assert_eq!(fs::read_dir(dest.path()).unwrap().count(), 0);
+    }
+}
