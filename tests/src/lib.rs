@@ -5,6 +5,7 @@
 
 pub mod bins;
 pub mod etcd;
+pub mod lab;
 pub mod netns;
 pub mod sh;
 pub mod underlay;

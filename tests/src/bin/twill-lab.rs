@@ -1,0 +1,167 @@
+//! `twill-lab`: a multi-node twill cluster in network namespaces on one machine.
+//!
+//! `twill-lab up --nodes 3 --pods 2` builds it and leaves it running, `twill-lab status`
+//! prints its tables again, `twill-lab down` removes everything it made, and
+//! `twill-lab bench` measures pod-to-pod throughput against the underlay and a hand-made VXLAN.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use twill_tests::lab::{self, bench, Lab, LabOptions};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "twill-lab",
+    version,
+    about = "twill multi-node lab in network namespaces"
+)]
+struct Cli {
+    /// Lab name: prefix of its namespaces and name of its state dir.
+    #[arg(long, global = true, default_value = "twill-lab")]
+    name: String,
+    /// Parent of the lab's state dir.
+    #[arg(long, global = true, default_value = lab::DEFAULT_ROOT)]
+    root: PathBuf,
+    /// Directory holding the built twilld and plugins (default: next to this binary).
+    #[arg(long, global = true)]
+    bin_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build the lab (underlay, etcd, nodes running twilld, pods) and leave it running.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 2)]
+        pods: usize,
+        /// Let the bridge plugin masquerade instead of twilld (twilld without --ip-masq).
+        #[arg(long)]
+        no_ip_masq: bool,
+    },
+    /// Print the node, pod and connectivity tables of a running lab.
+    Status {
+        /// Skip the connectivity probes.
+        #[arg(long)]
+        no_probe: bool,
+    },
+    /// Remove everything the lab made (processes by PID, namespaces, state dir).
+    Down,
+    /// Measure TCP throughput on a 2-node lab of its own (`<name>-bench`), removed afterwards.
+    Bench {
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        #[arg(long, default_value_t = 1)]
+        streams: u32,
+    },
+}
+
+fn options(cli: &Cli, name: &str) -> LabOptions {
+    let mut o = LabOptions::new(name);
+    o.root = cli.root.clone();
+    if let Some(b) = &cli.bin_dir {
+        o.bin_src = b.clone();
+    }
+    o
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("twill-lab: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> lab::Result<()> {
+    let mut out = std::io::stdout();
+    match &cli.command {
+        Command::Up {
+            nodes,
+            pods,
+            no_ip_masq,
+        } => {
+            let mut o = options(cli, &cli.name);
+            o.ip_masq = !no_ip_masq;
+            match lab::up(o, *nodes, *pods, &mut out) {
+                Ok(_) => {
+                    let _ = writeln!(out, "remove it with: twill-lab down{}", name_flag(cli));
+                    Ok(())
+                }
+                Err(e) => Err(lab::Error::Lab(format!(
+                    "{e}\n(the partial lab stays for inspection; `twill-lab down{}` removes it)",
+                    name_flag(cli)
+                ))),
+            }
+        }
+        Command::Status { no_probe } => {
+            let lab = open(cli)?;
+            let _ = writeln!(out, "{}\n{}", lab.nodes_table(), lab.pods_table());
+            if !no_probe && !lab.pods().is_empty() {
+                let m = lab.matrix()?;
+                let _ = write!(out, "{}", lab.matrix_table(&m));
+            }
+            Ok(())
+        }
+        Command::Down => match Lab::open(&cli.root, &cli.name)? {
+            Some(lab) => {
+                lab.down()?;
+                let _ = writeln!(out, "lab {:?} removed", cli.name);
+                Ok(())
+            }
+            None => {
+                let _ = writeln!(out, "no lab {:?} (nothing to remove)", cli.name);
+                Ok(())
+            }
+        },
+        Command::Bench {
+            seconds,
+            runs,
+            streams,
+        } => {
+            let name = format!("{}-bench", cli.name);
+            if let Some(stale) = Lab::open(&cli.root, &name)? {
+                stale.down()?;
+            }
+            let mut lab = lab::up(options(cli, &name), 2, 1, &mut out)?;
+            let o = bench::BenchOptions {
+                seconds: *seconds,
+                runs: *runs,
+                streams: *streams,
+            };
+            let res = bench::run(&mut lab, &o, &mut out);
+            let down = lab.down();
+            let res = res?;
+            down?;
+            let _ = write!(out, "\n{}", bench::report(&res, &o));
+            Ok(())
+        }
+    }
+}
+
+fn name_flag(cli: &Cli) -> String {
+    if cli.name == "twill-lab" {
+        String::new()
+    } else {
+        format!(" --name {}", cli.name)
+    }
+}
+
+fn open(cli: &Cli) -> lab::Result<Lab> {
+    Lab::open(&cli.root, &cli.name)?.ok_or_else(|| {
+        lab::Error::Lab(format!(
+            "no lab {:?} under {}; start one with `twill-lab up`",
+            cli.name,
+            cli.root.display()
+        ))
+    })
+}

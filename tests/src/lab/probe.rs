@@ -1,0 +1,155 @@
+//! Reachability probes between pods: ICMP with `ping`, and a TCP exchange whose both ends
+//! are sockets of this process opened inside the pod namespaces (each from a short-lived
+//! thread that entered the namespace), so no helper process is left to clean up.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::error::{io, Error, Result};
+use super::process::succeeds_in;
+
+/// Port of the lab's echo listener inside every pod.
+pub const ECHO_PORT: u16 = 7777;
+
+/// Runs `f` on a new thread that first joins netns `ns`; the thread ends with `f`.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    let handle = thread::spawn(move || -> std::io::Result<T> {
+        let file = std::fs::File::open(&path)?;
+        // SAFETY: setns on this dedicated thread only; fd is valid for the call.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        f()
+    });
+    handle
+        .join()
+        .map_err(|_| Error::Lab(format!("probe thread in {ns} panicked")))?
+        .map_err(io(format!("/run/netns/{ns}")))
+}
+
+/// An echo server listening inside a pod namespace until dropped.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    pub fn start(ns: &str) -> Result<EchoServer> {
+        let listener = in_netns(ns, || {
+            let l = TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, ECHO_PORT)))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        thread::spawn(move || echo(conn));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(EchoServer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+fn echo(mut conn: TcpStream) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(3)));
+    let mut buf = Vec::new();
+    if conn.read_to_end(&mut buf).is_ok() {
+        let _ = conn.write_all(&buf);
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connects from inside `ns` to `ip:ECHO_PORT`, sends a message and expects it back.
+pub fn tcp_exchange(ns: &str, ip: Ipv4Addr, timeout: Duration) -> bool {
+    let msg = format!("twill-lab {ns} -> {ip} {:?}", Instant::now());
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::from((ip, ECHO_PORT)), timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(msg.as_bytes())?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut back = String::new();
+        s.read_to_string(&mut back)?;
+        Ok(back == msg)
+    })
+    .unwrap_or(false)
+}
+
+/// One ICMP echo from inside `ns`, retried a few times (the first may wait for ARP).
+pub fn ping(ns: &str, ip: Ipv4Addr, attempts: u32) -> bool {
+    let ip = ip.to_string();
+    (0..attempts).any(|_| succeeds_in(ns, &["ping", "-c", "1", "-W", "1", "-q", &ip]))
+}
+
+/// Outcome of probing one ordered pod pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reach {
+    pub ping: bool,
+    pub tcp: bool,
+}
+
+impl Reach {
+    pub fn ok(&self) -> bool {
+        self.ping && self.tcp
+    }
+}
+
+/// Probes every ordered pair of `(netns, ip)` endpoints; `result[i][j]` is i → j
+/// (`None` on the diagonal). Sources are probed in parallel.
+pub fn matrix(endpoints: &[(String, Ipv4Addr)]) -> Result<Vec<Vec<Option<Reach>>>> {
+    let servers: Vec<EchoServer> = endpoints
+        .iter()
+        .map(|(ns, _)| EchoServer::start(ns))
+        .collect::<Result<_>>()?;
+    let eps: Arc<Vec<(String, Ipv4Addr)>> = Arc::new(endpoints.to_vec());
+    let rows: Vec<thread::JoinHandle<Vec<Option<Reach>>>> = (0..eps.len())
+        .map(|i| {
+            let eps = eps.clone();
+            thread::spawn(move || {
+                (0..eps.len())
+                    .map(|j| {
+                        (i != j).then(|| Reach {
+                            ping: ping(&eps[i].0, eps[j].1, 3),
+                            tcp: tcp_exchange(&eps[i].0, eps[j].1, Duration::from_secs(2)),
+                        })
+                    })
+                    .collect()
+            })
+        })
+        .collect();
+    let out = rows
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .map_err(|_| Error::Lab("probe thread panicked".into()))
+        })
+        .collect();
+    drop(servers);
+    out
+}
