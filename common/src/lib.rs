@@ -2,4 +2,6 @@
 
 pub mod cni;
 pub mod fsutil;
+pub mod netlink;
+pub mod netns;
 pub mod subnet_env;

@@ -1,0 +1,156 @@
+//! rtnetlink plumbing: a current-thread runtime with one socket in the caller's namespace
+//! and (optionally) one inside another namespace, plus errno helpers and link lookups.
+
+use std::fs::File;
+use std::future::Future;
+
+use futures::TryStreamExt;
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::Handle;
+
+use crate::cni::CniError;
+use crate::netns;
+
+/// The negative-errno of a netlink error reply, as a positive errno.
+pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()).filter(|c| *c != 0),
+        _ => None,
+    }
+}
+
+pub fn is_exists(e: &rtnetlink::Error) -> bool {
+    errno(e) == Some(libc::EEXIST)
+}
+
+pub fn is_not_found(e: &rtnetlink::Error) -> bool {
+    matches!(
+        errno(e),
+        Some(libc::ENODEV | libc::ENOENT | libc::ESRCH | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// Maps a netlink error to CNI code 999 with context.
+pub fn nl_err(ctx: impl std::fmt::Display) -> impl FnOnce(rtnetlink::Error) -> CniError {
+    move |e| match errno(&e) {
+        Some(n) => CniError::internal(format!("{ctx}: {}", std::io::Error::from_raw_os_error(n))),
+        None => CniError::internal(format!("{ctx}: {e}")),
+    }
+}
+
+/// Netlink handles of one job: `host` in the caller's namespace, `ns` inside the target one.
+pub struct Sockets {
+    pub host: Handle,
+    pub ns: Option<Handle>,
+}
+
+/// Runs `job` on a short-lived thread with a current-thread tokio runtime. The host socket is
+/// opened before the thread enters `ns`, the namespace socket after, so one task can drive both.
+pub fn run<T, F, Fut>(ns: Option<File>, job: F) -> Result<T, CniError>
+where
+    T: Send + 'static,
+    F: FnOnce(Sockets) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, CniError>>,
+{
+    netns::run_in(None, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| CniError::internal(format!("tokio runtime: {e}")))?;
+        // Sockets register with the runtime's reactor, so they are made inside its context;
+        // a new thread starts in its creator's namespace, so the first one is the host's.
+        let _guard = rt.enter();
+        let (host_conn, host, _) = rtnetlink::new_connection()
+            .map_err(|e| CniError::internal(format!("netlink socket: {e}")))?;
+        let in_ns = match ns {
+            Some(f) => {
+                netns::enter(&f)
+                    .map_err(|e| CniError::internal(format!("failed to enter netns: {e}")))?;
+                let (c, h, _) = rtnetlink::new_connection()
+                    .map_err(|e| CniError::internal(format!("netlink socket in netns: {e}")))?;
+                Some((c, h))
+            }
+            None => None,
+        };
+        rt.block_on(async move {
+            tokio::spawn(host_conn);
+            let ns = in_ns.map(|(c, h)| {
+                tokio::spawn(c);
+                h
+            });
+            job(Sockets { host, ns }).await
+        })
+    })
+    .map_err(|e| CniError::internal(e.to_string()))?
+}
+
+/// The link named `name`, or `None` when there is none.
+pub async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, CniError> {
+    match h
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(m) => Ok(m),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(nl_err(format!("get link {name}"))(e)),
+    }
+}
+
+/// The MAC of a link as `aa:bb:…`, empty when it has none.
+pub fn mac_of(m: &LinkMessage) -> String {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(b) => Some(format_mac(b)),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+pub fn format_mac(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A random locally administered unicast MAC.
+pub fn random_mac() -> [u8; 6] {
+    let mut b = [0u8; 6];
+    // getrandom(2) never fails for 6 bytes once the pool is initialised.
+    let _ =
+        nix::errno::Errno::result(unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) });
+    b[0] = (b[0] & 0xfe) | 0x02;
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_helpers() {
+        let m = random_mac();
+        assert_eq!(m[0] & 0x03, 0x02, "local, unicast");
+        assert_eq!(format_mac(&[0, 0x1a, 0xff, 1, 2, 3]), "00:1a:ff:01:02:03");
+    }
+
+    #[test]
+    fn loopback_lookup_in_own_namespace() {
+        if !nix::unistd::Uid::effective().is_root() {
+            return;
+        }
+        let lo = run(None, |s| async move { link_by_name(&s.host, "lo").await }).unwrap();
+        assert_eq!(lo.map(|m| m.header.index), Some(1));
+        let none = run(None, |s| async move {
+            link_by_name(&s.host, "twill-nope0").await
+        })
+        .unwrap();
+        assert!(none.is_none());
+    }
+}
