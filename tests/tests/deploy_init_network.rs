@@ -1,0 +1,478 @@
+//! `twilld init-network` against a real etcd: writes `<prefix>/config` once, accepts an equal
+//! config (also one flannel wrote), refuses a different one unless `--force`, lets exactly one
+//! of several concurrent runs win, validates before writing, and speaks TLS with client certs
+//! like the manifest's Job does.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use twill_tests::bins;
+use twill_tests::etcd::{Etcd, ETCD, ETCDCTL};
+
+const KEY: &str = "/coreos.com/network/config";
+
+fn init_network(endpoint: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(bins::bin("twilld"))
+        .args(["init-network", "--etcd-endpoints", endpoint])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn twilld init-network")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn stored(etcd: &Etcd, key: &str) -> Option<Value> {
+    etcd.get(key)
+        .map(|v| serde_json::from_str(&v).expect("stored config is JSON"))
+}
+
+fn mod_revision(etcd: &Etcd, key: &str) -> i64 {
+    let out = etcd.etcdctl(&["get", key, "-w", "json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["kvs"][0]["mod_revision"].as_i64().unwrap_or(0)
+}
+
+#[test]
+fn writes_once_then_accepts_equal_and_refuses_different() {
+    let etcd = Etcd::start_loopback();
+    let ep = etcd.endpoint();
+
+    let out = init_network(&ep, &["--network", "10.244.0.0/16"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        stored(&etcd, KEY),
+        Some(json!({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}))
+    );
+    let rev = mod_revision(&etcd, KEY);
+
+    // Same request again (a re-run Job): success, nothing written.
+    let out = init_network(
+        &ep,
+        &["--network", "10.244.0.0/16", "--backend", "vxlan"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        mod_revision(&etcd, KEY),
+        rev,
+        "an equal config was rewritten"
+    );
+
+    // A different network: refused, the stored config stays.
+    let out = init_network(&ep, &["--network", "10.50.0.0/16"], &[]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--force"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(mod_revision(&etcd, KEY), rev);
+    let out = init_network(
+        &ep,
+        &["--network", "10.244.0.0/16", "--backend", "host-gw"],
+        &[],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(mod_revision(&etcd, KEY), rev);
+
+    // --force replaces it (flags also come from the environment).
+    let out = init_network(
+        &ep,
+        &[],
+        &[
+            ("TWILLD_NETWORK", "10.50.0.0/16"),
+            ("TWILLD_BACKEND", "host-gw"),
+            ("TWILLD_SUBNET_LEN", "26"),
+            ("TWILLD_FORCE", "true"),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        stored(&etcd, KEY),
+        Some(json!({"Network": "10.50.0.0/16", "SubnetLen": 26, "Backend": {"Type": "host-gw"}}))
+    );
+}
+
+#[test]
+fn a_config_flannel_wrote_counts_as_equal() {
+    let etcd = Etcd::start_loopback();
+    let ep = etcd.endpoint();
+    // Go's case-insensitive keys and an upper-case backend type, as an admin may have typed it.
+    let flannel = r#"{"network":"10.244.0.0/16","backend":{"type":"VXLAN"}}"#;
+    etcd.etcdctl(&["put", KEY, flannel]);
+    let rev = mod_revision(&etcd, KEY);
+
+    let out = init_network(&ep, &["--network", "10.244.0.0/16"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        etcd.get(KEY).as_deref(),
+        Some(flannel),
+        "flannel's config was rewritten"
+    );
+    assert_eq!(mod_revision(&etcd, KEY), rev);
+}
+
+#[test]
+fn config_file_and_custom_prefix() {
+    let etcd = Etcd::start_loopback();
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("net-conf.json");
+    // The ConfigMap's net-conf.json, pretty-printed as in the manifest.
+    let conf = "{\n  \"Network\": \"10.244.0.0/16\",\n  \"Backend\": {\"Type\": \"vxlan\", \"VNI\": 1}\n}\n";
+    fs::write(&file, conf).unwrap();
+    let file_arg = file.to_str().unwrap();
+    let args = [
+        "--etcd-prefix",
+        "/twill-test/network/",
+        "--config-file",
+        file_arg,
+    ];
+
+    let out = init_network(&ep, &args, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(stored(&etcd, KEY), None, "wrote under the default prefix");
+    let key = "/twill-test/network/config";
+    assert_eq!(
+        stored(&etcd, key),
+        Some(json!({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 1}}))
+    );
+    let rev = mod_revision(&etcd, key);
+    let out = init_network(&ep, &args, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(mod_revision(&etcd, key), rev);
+
+    // --network and --config-file exclude each other; one of them is required.
+    let out = init_network(
+        &ep,
+        &["--network", "10.1.0.0/16", "--config-file", file_arg],
+        &[],
+    );
+    assert!(!out.status.success());
+    let out = init_network(&ep, &[], &[]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn invalid_configs_write_nothing() {
+    let etcd = Etcd::start_loopback();
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let bad_json = dir.path().join("bad.json");
+    fs::write(&bad_json, "{\"Network\": ").unwrap();
+    let udp = dir.path().join("udp.json");
+    fs::write(
+        &udp,
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#,
+    )
+    .unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["--network", "10.244.0.0/29"],
+        vec!["--network", "10.244.0.0/16", "--subnet-len", "17"],
+        vec!["--network", "10.244.0.0/16", "--subnet-len", "31"],
+        vec!["--network", "not-a-cidr"],
+        vec!["--network", "10.244.0.0/16", "--backend", "udp"],
+        vec!["--config-file", bad_json.to_str().unwrap()],
+        vec!["--config-file", udp.to_str().unwrap()],
+        vec!["--config-file", "/nonexistent/twill/net-conf.json"],
+    ];
+    for args in cases {
+        let out = init_network(&ep, &args, &[]);
+        assert!(!out.status.success(), "{args:?} accepted: {}", text(&out));
+        assert!(!out.stderr.is_empty(), "{args:?}: no error message");
+    }
+    assert!(etcd.get_prefix("/coreos.com/network").is_empty());
+}
+
+#[test]
+fn concurrent_runs_have_exactly_one_winner() {
+    let etcd = Etcd::start_loopback();
+    let ep = etcd.endpoint();
+    let children: Vec<(String, Child)> = (10..16)
+        .map(|i| {
+            let net = format!("10.{i}.0.0/16");
+            let child = Command::new(bins::bin("twilld"))
+                .args(["init-network", "--etcd-endpoints", &ep, "--network", &net])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn init-network");
+            (net, child)
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for (net, child) in children {
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            winners.push(net);
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    assert_eq!(
+        stored(&etcd, KEY).unwrap()["Network"],
+        Value::String(winners[0].clone())
+    );
+}
+
+#[test]
+fn unreachable_etcd_is_an_error() {
+    // A port nothing listens on: bind and drop a listener to find one.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = init_network(
+        &format!("http://127.0.0.1:{port}"),
+        &["--network", "10.244.0.0/16"],
+        &[],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("etcd"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl
+/// (like kubeadm's /etc/kubernetes/pki/etcd).
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::Builder::new()
+            .prefix("twill-pki")
+            .tempdir()
+            .unwrap();
+        let pki = Pki { dir };
+        let p = |n: &str| pki.path(n).to_str().unwrap().to_string();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=etcd-ca",
+            "-keyout",
+            &p("ca.key"),
+            "-out",
+            &p("ca.crt"),
+        ]);
+        fs::write(
+            pki.path("server.ext"),
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        fs::write(pki.path("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        for (name, cn) in [("server", "127.0.0.1"), ("client", "twill")] {
+            openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+                &p(&format!("{name}.key")),
+                "-out",
+                &p(&format!("{name}.csr")),
+            ]);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &p(&format!("{name}.csr")),
+                "-CA",
+                &p("ca.crt"),
+                "-CAkey",
+                &p("ca.key"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &p(&format!("{name}.ext")),
+                "-out",
+                &p(&format!("{name}.crt")),
+            ]);
+        }
+        pki
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// etcd requiring client certificates (kubeadm's `--client-cert-auth`), killed by PID on drop.
+struct TlsEtcd {
+    child: Child,
+    endpoint: String,
+    _data: tempfile::TempDir,
+}
+
+impl TlsEtcd {
+    fn start(pki: &Pki) -> TlsEtcd {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (cport, pport) = (free(), free());
+        let data = tempfile::Builder::new()
+            .prefix("twill-etcd-tls")
+            .tempdir()
+            .unwrap();
+        let endpoint = format!("https://127.0.0.1:{cport}");
+        let peer = format!("http://127.0.0.1:{pport}");
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        let log = fs::File::create(data.path().join("etcd.log")).unwrap();
+        let child = Command::new(ETCD)
+            .args(["--name", "tls", "--data-dir", &s(&data.path().join("data"))])
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("tls={peer}")])
+            .args(["--cert-file", &s(&pki.path("server.crt"))])
+            .args(["--key-file", &s(&pki.path("server.key"))])
+            .args([
+                "--trusted-ca-file",
+                &s(&pki.path("ca.crt")),
+                "--client-cert-auth",
+            ])
+            .args([
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stderr",
+                "--log-level",
+                "warn",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn etcd");
+        let mut e = TlsEtcd {
+            child,
+            endpoint,
+            _data: data,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !e.etcdctl(pki, &["endpoint", "health"]).status.success() {
+            assert!(e.child.try_wait().unwrap().is_none(), "TLS etcd exited");
+            assert!(Instant::now() < deadline, "TLS etcd not healthy");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        e
+    }
+
+    fn etcdctl(&self, pki: &Pki, args: &[&str]) -> Output {
+        Command::new(ETCDCTL)
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint))
+            .arg(format!("--cacert={}", pki.path("ca.crt").display()))
+            .arg(format!("--cert={}", pki.path("client.crt").display()))
+            .arg(format!("--key={}", pki.path("client.key").display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for TlsEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn tls_with_client_certificate() {
+    let pki = Pki::new();
+    let etcd = TlsEtcd::start(&pki);
+    let ca = pki.path("ca.crt");
+    let ca = ca.to_str().unwrap();
+
+    // Without a client certificate etcd refuses the request; nothing is written.
+    let out = init_network(
+        &etcd.endpoint,
+        &["--network", "10.244.0.0/16", "--etcd-cafile", ca],
+        &[],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+
+    // The manifest's way: files from the Secret, given through the environment.
+    let cert = pki.path("client.crt");
+    let key = pki.path("client.key");
+    let out = init_network(
+        &etcd.endpoint,
+        &["--network", "10.244.0.0/16"],
+        &[
+            ("TWILLD_ETCD_CAFILE", ca),
+            ("TWILLD_ETCD_CERTFILE", cert.to_str().unwrap()),
+            ("TWILLD_ETCD_KEYFILE", key.to_str().unwrap()),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let got = etcd.etcdctl(&pki, &["get", KEY, "--print-value-only"]);
+    assert!(got.status.success(), "{}", text(&got));
+    let v: Value = serde_json::from_slice(&got.stdout).unwrap();
+    assert_eq!(
+        v,
+        json!({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}})
+    );
+
+    // Only half a client identity is a usage error.
+    let out = init_network(
+        &etcd.endpoint,
+        &[
+            "--network",
+            "10.244.0.0/16",
+            "--etcd-cafile",
+            ca,
+            "--etcd-certfile",
+            cert.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+}
