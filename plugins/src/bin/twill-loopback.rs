@@ -1,1 +1,3 @@
-fn main() {}
+fn main() {
+    twill_common::cni::run(&twill_plugins::loopback::Loopback)
+}

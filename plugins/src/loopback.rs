@@ -1,0 +1,131 @@
+//! `twill-loopback`: the reference loopback plugin at every spec version.
+
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::LinkFlags;
+use rtnetlink::{Handle, LinkUnspec};
+use twill_common::cni::{CniError, CniResult, Interface, IpConfig, Plugin, Request};
+use twill_common::netlink::{link_by_name, nl_err, run};
+use twill_common::netns;
+
+const LO: &str = "lo";
+
+/// Addresses on `lo` (index 1 in every namespace), v4 then v6.
+async fn lo_addrs(h: &Handle, index: u32) -> Result<Vec<IpNetwork>, CniError> {
+    let mut s = h.address().get().set_link_index_filter(index).execute();
+    let mut out = Vec::new();
+    while let Some(m) = s.try_next().await.map_err(nl_err("list lo addresses"))? {
+        if m.header.index != index {
+            continue;
+        }
+        for a in &m.attributes {
+            if let AddressAttribute::Address(ip) = a {
+                if let Ok(n) = IpNetwork::new(*ip, m.header.prefix_len) {
+                    out.push(n);
+                }
+            }
+        }
+    }
+    out.sort_by_key(|n| n.is_ipv6());
+    Ok(out)
+}
+
+fn open_ns(req: &Request) -> Result<std::fs::File, CniError> {
+    let p = req
+        .env
+        .netns
+        .as_ref()
+        .ok_or_else(|| CniError::invalid_env("CNI_NETNS missing"))?;
+    netns::open(p).map_err(|e| CniError::internal(format!("failed to open netns {:?}: {e}", p)))
+}
+
+pub struct Loopback;
+
+impl Plugin for Loopback {
+    fn add(&self, req: &Request) -> Result<CniResult, CniError> {
+        let ns = open_ns(req)?;
+        let addrs = run(Some(ns), |s| async move {
+            let h = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
+            let lo = link_by_name(&h, LO)
+                .await?
+                .ok_or_else(|| CniError::internal("no lo in netns"))?;
+            let idx = lo.header.index;
+            h.link()
+                .set(LinkUnspec::new_with_index(idx).up().build())
+                .execute()
+                .await
+                .map_err(nl_err("set lo up"))?;
+            lo_addrs(&h, idx).await
+        })?;
+        if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+            return Err(CniError::internal(format!(
+                "loopback interface found with non-loopback address {:?}",
+                a.ip()
+            )));
+        }
+        if let Some(prev) = req.conf.prev_result()? {
+            return Ok(prev);
+        }
+        let first = |v4: bool| addrs.iter().find(|a| a.is_ipv4() == v4).copied();
+        let ips = [first(true), first(false)]
+            .into_iter()
+            .flatten()
+            .map(|address| IpConfig {
+                address,
+                gateway: None,
+                interface: Some(0),
+            })
+            .collect();
+        Ok(CniResult {
+            interfaces: vec![Interface {
+                name: LO.into(),
+                mac: "00:00:00:00:00:00".into(),
+                sandbox: req.env.netns.as_ref().map(|p| p.display().to_string()),
+                ..Interface::default()
+            }],
+            ips,
+            ..CniResult::default()
+        })
+    }
+
+    fn del(&self, req: &Request) -> Result<(), CniError> {
+        let Some(p) = &req.env.netns else {
+            return Ok(());
+        };
+        let ns = match netns::open(p) {
+            Ok(f) => f,
+            Err(_) => return Ok(()),
+        };
+        run(Some(ns), |s| async move {
+            let h = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
+            if let Some(lo) = link_by_name(&h, LO).await? {
+                h.link()
+                    .set(LinkUnspec::new_with_index(lo.header.index).down().build())
+                    .execute()
+                    .await
+                    .map_err(nl_err("set lo down"))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn check(&self, req: &Request) -> Result<(), CniError> {
+        let ns = open_ns(req)?;
+        let up = run(Some(ns), |s| async move {
+            let h = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
+            let lo = link_by_name(&h, LO)
+                .await?
+                .ok_or_else(|| CniError::internal("no lo in netns"))?;
+            Ok(lo.header.flags.contains(LinkFlags::Up))
+        })?;
+        if !up {
+            return Err(CniError::internal("loopback interface is down"));
+        }
+        Ok(())
+    }
+
+    fn about(&self) -> String {
+        "twill-loopback: brings up lo in the container".into()
+    }
+}
