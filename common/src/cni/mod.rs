@@ -37,7 +37,7 @@ pub mod version;
 
 pub use conf::{Attachment, NetConf};
 pub use env::{CniArgs, Command, Env};
-pub use error::{code, CniError};
+pub use error::{code, io_err, CniError};
 pub use invoke::{delegate, delegate_add, exec_plugin, find_in_path};
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};
 pub use skel::{dispatch, run, Outcome, Plugin, Request};
