@@ -1,0 +1,206 @@
+//! The delegate config the `twill` plugin hands to its bridge, rendered from the plugin's
+//! own config and the node's subnet.env exactly as the flannel CNI plugin renders it.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use twill_common::cni::{CniError, NetConf};
+use twill_common::subnet_env::SubnetEnv;
+
+/// Default location of the subnet file twilld writes.
+pub const DEFAULT_SUBNET_FILE: &str = "/run/twill/subnet.env";
+/// Default directory of the saved delegate configs.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/twill";
+/// Delegate and IPAM types used when the config names none.
+pub const DEFAULT_DELEGATE: &str = "twill-bridge";
+pub const DEFAULT_IPAM: &str = "twill-host-local";
+
+/// The `twill` plugin's own fields (flannel CNI plugin names).
+#[derive(Debug, Clone, Deserialize)]
+pub struct MetaConf {
+    #[serde(rename = "subnetFile", default = "default_subnet_file")]
+    pub subnet_file: PathBuf,
+    #[serde(rename = "dataDir", default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub delegate: Option<Map<String, Value>>,
+}
+
+fn default_subnet_file() -> PathBuf {
+    PathBuf::from(DEFAULT_SUBNET_FILE)
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_DATA_DIR)
+}
+
+impl MetaConf {
+    /// Reads the plugin's fields and validates `delegate` as the flannel plugin does.
+    pub fn from_netconf(conf: &NetConf) -> Result<MetaConf, CniError> {
+        let m: MetaConf = conf.decode()?;
+        if let Some(d) = &m.delegate {
+            if d.contains_key("name") {
+                return Err(CniError::invalid_config(
+                    "'delegate' dictionary must not have 'name' field, it'll be set by twill",
+                ));
+            }
+            if d.contains_key("ipam") {
+                return Err(CniError::invalid_config(
+                    "'delegate' dictionary must not have 'ipam' field, it'll be set by twill",
+                ));
+            }
+            if d.get("type").is_some_and(|t| !t.is_string()) {
+                return Err(CniError::invalid_config(
+                    "'delegate' field 'type' must be a string",
+                ));
+            }
+        }
+        if m.subnet_file.as_os_str().is_empty() || m.data_dir.as_os_str().is_empty() {
+            return Err(CniError::invalid_config(
+                "subnetFile and dataDir must not be empty",
+            ));
+        }
+        Ok(m)
+    }
+}
+
+/// Reads the subnet file: missing is "try again later" (twilld has not written it yet),
+/// malformed is an invalid configuration.
+pub fn load_subnet_env(meta: &MetaConf) -> Result<SubnetEnv, CniError> {
+    let path = &meta.subnet_file;
+    match std::fs::read_to_string(path) {
+        Ok(text) => SubnetEnv::parse_named(&text, &path.display().to_string())
+            .map_err(|e| CniError::invalid_config(e.to_string())),
+        Err(e) => Err(CniError::new(
+            twill_common::cni::code::TRY_AGAIN_LATER,
+            format!(
+                "failed to load twill subnet file {}: {e}; twilld writes it once the node's \
+                 network is up: check that twilld runs on this node and read its log",
+                path.display()
+            ),
+        )),
+    }
+}
+
+/// Renders the delegate config (flannel `getDelegateIPAM` + `doCmdAdd`).
+pub fn render(
+    conf: &NetConf,
+    meta: &MetaConf,
+    env: &SubnetEnv,
+) -> Result<Map<String, Value>, CniError> {
+    let mut d = meta.delegate.clone().unwrap_or_default();
+    d.entry("type").or_insert_with(|| json!(DEFAULT_DELEGATE));
+    d.entry("ipMasq").or_insert_with(|| json!(!env.ipmasq));
+    d.entry("mtu").or_insert_with(|| json!(env.mtu));
+    let is_bridge = matches!(
+        d.get("type").and_then(Value::as_str),
+        Some("twill-bridge" | "bridge")
+    );
+    if is_bridge {
+        d.entry("isGateway").or_insert_with(|| json!(true));
+    }
+    d.insert("name".into(), json!(conf.name));
+    d.insert("cniVersion".into(), json!(conf.version()));
+
+    let mut ipam = conf.ipam.clone().unwrap_or_default();
+    ipam.entry("type").or_insert_with(|| json!(DEFAULT_IPAM));
+    let mut ranges = Vec::new();
+    if let Some(s) = env.subnet {
+        ranges.push(json!([{"subnet": s.to_string()}]));
+    }
+    if let Some(s) = env.ipv6_subnet {
+        ranges.push(json!([{"subnet": s.to_string()}]));
+    }
+    if ranges.is_empty() {
+        return Err(CniError::invalid_config(format!(
+            "{} has no FLANNEL_SUBNET or FLANNEL_IPV6_SUBNET",
+            meta.subnet_file.display()
+        )));
+    }
+    ipam.insert("ranges".into(), Value::Array(ranges));
+    let mut routes = match ipam.get("routes") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(r)) => r.clone(),
+        Some(_) => return Err(CniError::invalid_config("ipam.routes must be a list")),
+    };
+    for net in [
+        env.network.map(|n| n.to_string()),
+        env.ipv6_network.map(|n| n.to_string()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        routes.push(json!({"dst": net}));
+    }
+    ipam.insert("routes".into(), Value::Array(routes));
+    d.insert("ipam".into(), Value::Object(ipam));
+
+    if let Some(rc) = &conf.runtime_config {
+        d.insert("runtimeConfig".into(), Value::Object(rc.clone()));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn netconf(v: Value) -> NetConf {
+        NetConf::parse(v.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn renders_like_flannel() {
+        let env = SubnetEnv::parse(
+            "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n",
+        )
+        .unwrap();
+        let conf = netconf(
+            json!({"cniVersion":"0.3.1","name":"cni-flannel","type":"twill",
+            "delegate":{"hairpinMode":true,"isDefaultGateway":true},
+            "ipam":{"dataDir":"/x/networks"},"runtimeConfig":{"portMappings":[]}}),
+        );
+        let meta = MetaConf::from_netconf(&conf).unwrap();
+        assert_eq!(meta.subnet_file, PathBuf::from(DEFAULT_SUBNET_FILE));
+        assert_eq!(meta.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        let d = render(&conf, &meta, &env).unwrap();
+        assert_eq!(
+            Value::Object(d),
+            json!({"type":"twill-bridge","ipMasq":false,"mtu":1472,"isGateway":true,
+                "hairpinMode":true,"isDefaultGateway":true,"name":"cni-flannel","cniVersion":"0.3.1",
+                "ipam":{"type":"twill-host-local","dataDir":"/x/networks",
+                        "ranges":[[{"subnet":"10.1.17.0/24"}]],"routes":[{"dst":"10.1.0.0/16"}]},
+                "runtimeConfig":{"portMappings":[]}})
+        );
+    }
+
+    #[test]
+    fn explicit_fields_win_and_bad_delegates_are_rejected() {
+        let env = SubnetEnv::parse(
+            "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+        )
+        .unwrap();
+        let conf = netconf(json!({"cniVersion":"1.0.0","name":"n","type":"twill",
+            "delegate":{"type":"ptp","ipMasq":false,"mtu":1400},
+            "ipam":{"type":"host-local","routes":[{"dst":"0.0.0.0/0"}]}}));
+        let d = render(&conf, &MetaConf::from_netconf(&conf).unwrap(), &env).unwrap();
+        assert_eq!(
+            (d["type"].as_str(), d["ipMasq"].as_bool(), d["mtu"].as_u64()),
+            (Some("ptp"), Some(false), Some(1400))
+        );
+        assert!(
+            d.get("isGateway").is_none(),
+            "isGateway is for bridges only"
+        );
+        assert_eq!(d["ipam"]["type"], "host-local");
+        assert_eq!(
+            d["ipam"]["routes"],
+            json!([{"dst":"0.0.0.0/0"},{"dst":"10.1.0.0/16"}])
+        );
+        for bad in [json!({"name":"x"}), json!({"ipam":{}}), json!({"type":5})] {
+            let c = netconf(json!({"cniVersion":"1.0.0","name":"n","type":"twill","delegate":bad}));
+            assert_eq!(MetaConf::from_netconf(&c).unwrap_err().code, 7);
+        }
+    }
+}
