@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+# twill image: twilld and the CNI plugins. Build from the repository root:
+#   docker build -t twill:0.1.0 .
+# The DaemonSet's init container runs `twilld install-cni`, which copies /opt/twill/bin/* to the
+# node's /opt/cni/bin (portmap only when the node has none); the main container runs twilld.
+
+ARG RUST_VERSION=1.95
+ARG DEBIAN_RELEASE=bookworm
+
+FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
+# protoc: etcd-client generates its gRPC code at build time.
+# containernetworking-plugins: only for its portmap binary (the fallback for nodes without one).
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      protobuf-compiler containernetworking-plugins \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+# Cache mounts keep the registry and target dir between builds; the binaries are copied out
+# in the same step because cache mounts are not part of the image.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p twilld -p twill-plugins --bins \
+ && mkdir -p /out/bin /out/cni \
+ && cp target/release/twilld /out/bin/ \
+ && for p in twill twill-bridge twill-host-local twill-loopback; do \
+      cp "target/release/$p" /out/cni/; \
+    done \
+ && cp /usr/lib/cni/portmap /out/cni/portmap
+
+FROM debian:${DEBIAN_RELEASE}-slim
+# nft: twilld installs its masquerade/forward rules with `nft -f -`. Nothing else is needed:
+# links, addresses, routes, neighbours and FDB entries are programmed over netlink.
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nftables \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /out/bin/twilld /usr/local/bin/twilld
+COPY --from=build /out/cni/ /opt/twill/bin/
+LABEL org.opencontainers.image.title="twill" \
+      org.opencontainers.image.description="twilld and the twill CNI plugins" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENTRYPOINT ["/usr/local/bin/twilld"]
