@@ -4,7 +4,6 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -16,24 +15,16 @@ use super::process::succeeds_in;
 /// Port of the lab's echo listener inside every pod.
 pub const ECHO_PORT: u16 = 7777;
 
-/// Runs `f` on a new thread that first joins netns `ns`; the thread ends with `f`.
+/// Runs `f` on a short-lived thread inside netns `ns` (twill_common::netns::run_in).
 pub fn in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> Result<T> {
     let path = format!("/run/netns/{ns}");
-    let handle = thread::spawn(move || -> std::io::Result<T> {
-        let file = std::fs::File::open(&path)?;
-        // SAFETY: setns on this dedicated thread only; fd is valid for the call.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        f()
-    });
-    handle
-        .join()
-        .map_err(|_| Error::Lab(format!("probe thread in {ns} panicked")))?
-        .map_err(io(format!("/run/netns/{ns}")))
+    let file = twill_common::netns::open(std::path::Path::new(&path)).map_err(io(&path))?;
+    twill_common::netns::run_in(Some(file), f)
+        .and_then(|r| r)
+        .map_err(io(path))
 }
 
 /// An echo server listening inside a pod namespace until dropped.
