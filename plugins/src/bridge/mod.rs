@@ -1,0 +1,568 @@
+//! `twill-bridge`: the reference `bridge` plugin's behaviour (same config fields), faster:
+//! IPAM `twill-host-local` runs in-process, all netlink work runs on one short-lived thread
+//! holding a host socket and a container socket, and the port wait polls instead of sleeping.
+
+pub mod link;
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+
+use ipnetwork::IpNetwork;
+use rtnetlink::LinkUnspec;
+use serde::Deserialize;
+use twill_common::cni::{
+    code, delegate, delegate_add, CniError, CniResult, Command, Dns, Interface, NetConf, Plugin,
+    Request, Route,
+};
+use twill_common::netlink::{format_mac, link_by_name, mac_of, nl_err, run};
+use twill_common::{cni::env::validate_ifname, netns};
+
+use crate::host_local;
+use crate::ipnet::from_u128;
+use crate::masq;
+
+/// The bridge config (reference field names).
+#[derive(Debug, Clone, Deserialize)]
+pub struct BridgeConf {
+    #[serde(default = "default_bridge")]
+    pub bridge: String,
+    #[serde(rename = "isGateway", default)]
+    pub is_gateway: bool,
+    #[serde(rename = "isDefaultGateway", default)]
+    pub is_default_gateway: bool,
+    #[serde(rename = "forceAddress", default)]
+    pub force_address: bool,
+    #[serde(rename = "ipMasq", default)]
+    pub ip_masq: bool,
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    #[serde(rename = "hairpinMode", default)]
+    pub hairpin_mode: bool,
+    #[serde(rename = "promiscMode", default)]
+    pub promisc_mode: bool,
+    #[serde(default)]
+    pub enabledad: bool,
+    #[serde(default)]
+    pub vlan: u32,
+}
+
+fn default_bridge() -> String {
+    "cni0".into()
+}
+
+impl BridgeConf {
+    pub fn load(conf: &NetConf) -> Result<BridgeConf, CniError> {
+        let mut c: BridgeConf = conf.decode()?;
+        if c.is_default_gateway {
+            c.is_gateway = true;
+        }
+        if c.hairpin_mode && c.promisc_mode {
+            return Err(CniError::invalid_config(
+                "cannot set hairpin mode and promiscuous mode at the same time",
+            ));
+        }
+        if c.vlan != 0 {
+            return Err(CniError::new(
+                code::UNSUPPORTED_FIELD,
+                format!("unsupported field: vlan = {}", c.vlan),
+            ));
+        }
+        if let Some(m) = c.mtu {
+            if !(68..=65535).contains(&m) {
+                return Err(CniError::invalid_config(format!("invalid mtu {m}")));
+            }
+        }
+        validate_ifname(&c.bridge)
+            .map_err(|e| CniError::invalid_config(format!("invalid bridge name: {}", e.msg)))?;
+        Ok(c)
+    }
+}
+
+/// IPAM runs in-process when it is our own host-local; any other type is executed from CNI_PATH.
+fn in_process_ipam(conf: &NetConf) -> bool {
+    conf.ipam_type() == "twill-host-local"
+}
+
+fn ipam_add(req: &Request) -> Result<CniResult, CniError> {
+    if in_process_ipam(&req.conf) {
+        host_local::add(&req.conf, &req.env)
+    } else {
+        delegate_add(
+            req.conf.ipam_type(),
+            &req.env.path,
+            &req.stdin,
+            req.conf.version(),
+        )
+    }
+}
+
+fn ipam_other(req: &Request, cmd: Command) -> Result<(), CniError> {
+    if req.conf.ipam_type().is_empty() {
+        return Ok(());
+    }
+    if in_process_ipam(&req.conf) {
+        return match cmd {
+            Command::Del => host_local::del(&req.conf, &req.env),
+            Command::Check => host_local::check(&req.conf, &req.env),
+            Command::Status => host_local::status(&req.conf, &req.env),
+            Command::Gc => host_local::gc(&req.conf, &req.env),
+            _ => Ok(()),
+        };
+    }
+    delegate(req.conf.ipam_type(), cmd, &req.env.path, &req.stdin)
+}
+
+fn first_host(net: &IpNetwork) -> IpAddr {
+    let (first, _) = crate::ipnet::bounds(net);
+    from_u128(first + 1, net.is_ipv4())
+}
+
+/// Fills gateways and the container index, and adds default routes for isDefaultGateway.
+/// Returns the bridge addresses (gateway/prefix) to ensure.
+fn calc_gateways(bc: &BridgeConf, r: &mut CniResult) -> Vec<IpNetwork> {
+    let mut gws = Vec::new();
+    let mut extra_routes = Vec::new();
+    for ip in r.ips.iter_mut() {
+        ip.interface = Some(2);
+        if ip.gateway.is_none() && bc.is_gateway {
+            ip.gateway = Some(first_host(&ip.address));
+        }
+        let Some(gw) = ip.gateway else { continue };
+        if bc.is_gateway {
+            if let Ok(n) = IpNetwork::new(gw, ip.address.prefix()) {
+                if !gws.contains(&n) {
+                    gws.push(n);
+                }
+            }
+        }
+        if bc.is_default_gateway {
+            let v4 = ip.address.is_ipv4();
+            let has_default = r
+                .routes
+                .iter()
+                .chain(extra_routes.iter())
+                .any(|rt: &Route| {
+                    rt.dst.prefix() == 0 && rt.dst.is_ipv4() == v4 && rt.gw.is_some()
+                });
+            if !has_default {
+                let dst = if v4 { "0.0.0.0/0" } else { "::/0" };
+                if let Ok(d) = dst.parse() {
+                    extra_routes.push(Route::new(d, Some(gw)));
+                }
+            }
+        }
+    }
+    r.routes.extend(extra_routes);
+    gws
+}
+
+fn open_netns(req: &Request) -> Result<File, CniError> {
+    let p = req
+        .env
+        .netns
+        .as_ref()
+        .ok_or_else(|| CniError::invalid_env("required env variables [CNI_NETNS] missing"))?;
+    netns::open(p)
+        .map_err(|e| CniError::internal(format!("failed to open netns {:?}: {e}", p.display())))
+}
+
+fn write_sysctl(path: &str, value: &str) -> Result<(), CniError> {
+    std::fs::write(path, value).map_err(|e| CniError::internal(format!("write {path}: {e}")))
+}
+
+/// Writes a sysctl only when it differs (the write takes a lock in the kernel).
+fn ensure_sysctl(path: &str, value: &str) -> Result<(), CniError> {
+    match std::fs::read_to_string(path) {
+        Ok(v) if v.trim() == value => Ok(()),
+        _ => write_sysctl(path, value),
+    }
+}
+
+struct AddOutcome {
+    bridge_mac: String,
+    host_name: String,
+    host_mac: String,
+    container_mac: String,
+    bridge_created: bool,
+}
+
+/// The whole ADD netlink job (runs on its netns thread). On failure it removes the veth it made.
+#[allow(clippy::too_many_arguments)]
+async fn add_links(
+    s: twill_common::netlink::Sockets,
+    ns_fd: File,
+    bc: BridgeConf,
+    ifname: String,
+    result: CniResult,
+    gws: Vec<IpNetwork>,
+) -> Result<AddOutcome, CniError> {
+    let ch = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
+    let h = s.host;
+    let (br, bridge_created) = link::ensure_bridge(&h, &bc.bridge, bc.mtu, bc.promisc_mode).await?;
+    let br_index = br.header.index;
+    let (host_name, hmac, cmac) =
+        link::create_veth(&h, &ch, ns_fd.as_raw_fd(), &ifname, br_index, bc.mtu).await?;
+    let work = async {
+        let v6 = result.ips.iter().any(|i| i.address.is_ipv6());
+        // This thread is inside the container netns, so /proc/sys/net is the container's.
+        let _ = write_sysctl(&format!("/proc/sys/net/ipv4/conf/{ifname}/arp_notify"), "1");
+        if v6 {
+            let base = format!("/proc/sys/net/ipv6/conf/{ifname}");
+            let _ = ensure_sysctl(&format!("{base}/disable_ipv6"), "0");
+            if bc.enabledad {
+                let _ = write_sysctl(&format!("{base}/enhanced_dad"), "1");
+                let _ = write_sysctl(&format!("{base}/accept_dad"), "1");
+            } else {
+                let _ = write_sysctl(&format!("{base}/accept_dad"), "0");
+            }
+        }
+        let container = async {
+            let c = link_by_name(&ch, &ifname).await?.ok_or_else(|| {
+                CniError::internal(format!("container link {ifname:?} missing after creation"))
+            })?;
+            let idx = c.header.index;
+            for ip in &result.ips {
+                link::add_addr(&ch, idx, ip.address, !bc.enabledad).await?;
+            }
+            ch.link()
+                .set(LinkUnspec::new_with_index(idx).up().build())
+                .execute()
+                .await
+                .map_err(nl_err("set container link up"))?;
+            for r in &result.routes {
+                let gw = r.gw.or_else(|| result.family_gateway(r.dst.is_ipv4()));
+                link::add_route(&ch, r, gw, idx).await?;
+            }
+            Ok::<(), CniError>(())
+        };
+        let host = async {
+            for gw in &gws {
+                link::ensure_bridge_addr(&h, br_index, &bc.bridge, *gw, bc.force_address).await?;
+            }
+            if bc.hairpin_mode {
+                let l = link_by_name(&h, &host_name)
+                    .await?
+                    .ok_or_else(|| CniError::internal("host veth missing"))?;
+                link::set_hairpin(&h, l.header.index).await?;
+            }
+            Ok::<(), CniError>(())
+        };
+        let (a, b) = futures::future::join(container, host).await;
+        a?;
+        b?;
+        link::wait_port_forwarding(&h, &host_name).await?;
+        Ok::<(), CniError>(())
+    };
+    if let Err(e) = work.await {
+        let _ = link::del_link_by_name(&h, &host_name).await;
+        return Err(e);
+    }
+    Ok(AddOutcome {
+        bridge_mac: mac_of(&br),
+        host_name,
+        host_mac: format_mac(&hmac),
+        container_mac: format_mac(&cmac),
+        bridge_created,
+    })
+}
+
+pub struct Bridge;
+
+impl Bridge {
+    fn add_inner(
+        &self,
+        req: &Request,
+        bc: &BridgeConf,
+        ns: File,
+        ns_fd: File,
+    ) -> Result<CniResult, CniError> {
+        let mut result = ipam_add(req)?;
+        if !req.conf.ipam_type().is_empty() && result.ips.is_empty() {
+            return Err(CniError::internal("IPAM plugin returned missing IP config"));
+        }
+        let gws = calc_gateways(bc, &mut result);
+        let ifname = req.env.ifname.clone();
+        let (bc2, r2, g2) = (bc.clone(), result.clone(), gws.clone());
+        let out = run(Some(ns), move |s| add_links(s, ns_fd, bc2, ifname, r2, g2))?;
+        let host_side = || -> Result<(), CniError> {
+            if out.bridge_created {
+                let _ = write_sysctl(
+                    &format!("/proc/sys/net/ipv6/conf/{}/accept_ra", bc.bridge),
+                    "0",
+                );
+            }
+            if bc.is_gateway {
+                if gws.iter().any(|g| g.is_ipv4()) {
+                    ensure_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+                }
+                if gws.iter().any(|g| g.is_ipv6()) {
+                    ensure_sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
+                }
+            }
+            if bc.ip_masq {
+                let addrs: Vec<IpNetwork> = result.ips.iter().map(|i| i.address).collect();
+                masq::add(&req.conf.name, &req.env.container_id, &addrs)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = host_side() {
+            let host_name = out.host_name.clone();
+            let _ = run(None, move |s| async move {
+                link::del_link_by_name(&s.host, &host_name).await
+            });
+            if bc.ip_masq {
+                let _ = masq::del(&req.conf.name, &req.env.container_id);
+            }
+            return Err(e);
+        }
+        result.interfaces = vec![
+            Interface {
+                name: bc.bridge.clone(),
+                mac: out.bridge_mac,
+                ..Interface::default()
+            },
+            Interface {
+                name: out.host_name,
+                mac: out.host_mac,
+                ..Interface::default()
+            },
+            Interface {
+                name: req.env.ifname.clone(),
+                mac: out.container_mac,
+                sandbox: req.env.netns.as_ref().map(|p| p.display().to_string()),
+                ..Interface::default()
+            },
+        ];
+        if let Some(d) = req.conf.dns.as_ref().filter(|d: &&Dns| !d.is_empty()) {
+            result.dns = d.clone();
+        }
+        Ok(result)
+    }
+}
+
+impl Plugin for Bridge {
+    fn add(&self, req: &Request) -> Result<CniResult, CniError> {
+        let bc = BridgeConf::load(&req.conf)?;
+        let ns = open_netns(req)?;
+        let ns_fd = ns
+            .try_clone()
+            .map_err(|e| CniError::internal(format!("dup netns fd: {e}")))?;
+        let r = self.add_inner(req, &bc, ns, ns_fd);
+        if r.is_err() {
+            // Undo the reservation; the netlink job already removed its veth.
+            let _ = ipam_other(req, Command::Del);
+        }
+        r
+    }
+
+    fn del(&self, req: &Request) -> Result<(), CniError> {
+        let bc = BridgeConf::load(&req.conf)?;
+        // A gone netns (or none given) only skips the link removal: IPAM and masquerade state
+        // are released whatever happened to the container.
+        if let Some(p) = &req.env.netns {
+            match netns::open(p) {
+                Ok(ns) => {
+                    let ifname = req.env.ifname.clone();
+                    run(Some(ns), move |s| async move {
+                        let ch = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
+                        link::del_link_by_name(&ch, &ifname).await.map(|_| ())
+                    })?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => {
+                    return Err(CniError::internal(format!(
+                        "failed to open netns {:?}: {e}",
+                        p.display()
+                    )))
+                }
+            }
+        }
+        ipam_other(req, Command::Del)?;
+        if bc.ip_masq {
+            masq::del(&req.conf.name, &req.env.container_id)?;
+        }
+        Ok(())
+    }
+
+    fn check(&self, req: &Request) -> Result<(), CniError> {
+        let bc = BridgeConf::load(&req.conf)?;
+        let prev = req
+            .conf
+            .prev_result()?
+            .ok_or_else(|| CniError::invalid_config("Required prevResult missing"))?;
+        ipam_other(req, Command::Check)?;
+        let ns = open_netns(req)?;
+        let netns_path = req
+            .env
+            .netns
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let cidx = prev
+            .interfaces
+            .iter()
+            .position(|i| {
+                i.name == req.env.ifname && i.sandbox.as_deref() == Some(netns_path.as_str())
+            })
+            .ok_or_else(|| {
+                CniError::internal(format!(
+                    "interface {} not found in prevResult",
+                    req.env.ifname
+                ))
+            })?;
+        if bc.ip_masq
+            && !prev.ips.is_empty()
+            && !masq::present(&req.conf.name, &req.env.container_id)?
+        {
+            return Err(CniError::internal("masquerade rules missing"));
+        }
+        let ifname = req.env.ifname.clone();
+        run(Some(ns), move |s| check_links(s, bc, ifname, prev, cidx))
+    }
+
+    fn status(&self, req: &Request) -> Result<(), CniError> {
+        BridgeConf::load(&req.conf)?;
+        ipam_other(req, Command::Status)
+    }
+
+    fn gc(&self, req: &Request) -> Result<(), CniError> {
+        let bc = BridgeConf::load(&req.conf)?;
+        let mut errors = Vec::new();
+        if let Err(e) = ipam_other(req, Command::Gc) {
+            errors.push(e.to_string());
+        }
+        if let (true, Some(valid)) = (bc.ip_masq, req.conf.gc_attachments()) {
+            if let Err(e) = masq::gc(&req.conf.name, valid) {
+                errors.push(e.to_string());
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(CniError::internal(format!("gc: {}", errors.join("; "))))
+        }
+    }
+
+    fn about(&self) -> String {
+        "twill-bridge: Linux bridge + veth pod networking from twill".into()
+    }
+}
+
+/// CHECK's netlink part: the container interface, its addresses and routes, the host veth and
+/// the bridge, all as recorded in `prevResult`.
+async fn check_links(
+    s: twill_common::netlink::Sockets,
+    bc: BridgeConf,
+    ifname: String,
+    prev: CniResult,
+    cidx: usize,
+) -> Result<(), CniError> {
+    let ch = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
+    let h = s.host;
+    let cif = &prev.interfaces[cidx];
+    let c = link_by_name(&ch, &ifname)
+        .await?
+        .ok_or_else(|| CniError::internal(format!("container interface {ifname} missing")))?;
+    if link::kind_of(&c) != Some(&netlink_packet_route::link::InfoKind::Veth) {
+        return Err(CniError::internal(format!("{ifname} is not a veth")));
+    }
+    if !cif.mac.is_empty() && !mac_of(&c).eq_ignore_ascii_case(&cif.mac) {
+        return Err(CniError::internal(format!(
+            "interface {ifname} MAC {} differs from {}",
+            mac_of(&c),
+            cif.mac
+        )));
+    }
+    let br = link_by_name(&h, &bc.bridge)
+        .await?
+        .ok_or_else(|| CniError::internal(format!("bridge {} missing", bc.bridge)))?;
+    if link::kind_of(&br) != Some(&netlink_packet_route::link::InfoKind::Bridge) {
+        return Err(CniError::internal(format!("{} is not a bridge", bc.bridge)));
+    }
+    if let Some(want) = prev
+        .interfaces
+        .iter()
+        .find(|i| i.name == bc.bridge && i.sandbox.is_none())
+    {
+        if !want.mac.is_empty() && !mac_of(&br).eq_ignore_ascii_case(&want.mac) {
+            return Err(CniError::internal(format!(
+                "bridge {} MAC differs from prevResult",
+                bc.bridge
+            )));
+        }
+    }
+    // The host veth: a port of the bridge whose index is the container veth's peer.
+    let peer =
+        link::peer_index_of(&c).ok_or_else(|| CniError::internal("container veth has no peer"))?;
+    let hostv = prev
+        .interfaces
+        .iter()
+        .find(|i| i.sandbox.is_none() && i.name != bc.bridge);
+    if let Some(hv) = hostv {
+        let l = link_by_name(&h, &hv.name)
+            .await?
+            .ok_or_else(|| CniError::internal(format!("host veth {} missing", hv.name)))?;
+        if l.header.index != peer {
+            return Err(CniError::internal(format!(
+                "host veth {} is not the peer of {ifname}",
+                hv.name
+            )));
+        }
+        if link::controller_of(&l) != Some(br.header.index) {
+            return Err(CniError::internal(format!(
+                "host veth {} is not attached to {}",
+                hv.name, bc.bridge
+            )));
+        }
+        if !hv.mac.is_empty() && !mac_of(&l).eq_ignore_ascii_case(&hv.mac) {
+            return Err(CniError::internal(format!(
+                "host veth {} MAC differs from prevResult",
+                hv.name
+            )));
+        }
+    }
+    let have: Vec<IpNetwork> = link::addrs_of(&ch, c.header.index)
+        .await?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for ip in prev.ips.iter().filter(|i| i.interface == Some(cidx)) {
+        if !have
+            .iter()
+            .any(|h| h.ip() == ip.address.ip() && h.prefix() == ip.address.prefix())
+        {
+            return Err(CniError::internal(format!(
+                "address {} missing on {ifname}",
+                ip.address
+            )));
+        }
+    }
+    for v4 in [true, false] {
+        let want: Vec<&Route> = prev
+            .routes
+            .iter()
+            .filter(|r| r.dst.is_ipv4() == v4)
+            .collect();
+        if want.is_empty() {
+            continue;
+        }
+        let table = link::routes(&ch, v4).await?;
+        for r in want {
+            let gw = r.gw.or_else(|| prev.family_gateway(v4));
+            let dst = IpNetwork::new(r.dst.network(), r.dst.prefix())
+                .map_err(|e| CniError::internal(e.to_string()))?;
+            let found = table.iter().any(|(d, g, oif)| {
+                *d == dst && (gw.is_none() || *g == gw) && oif.is_none_or(|o| o == c.header.index)
+            });
+            if !found {
+                return Err(CniError::internal(format!(
+                    "route {} via {:?} missing in the container",
+                    r.dst, gw
+                )));
+            }
+        }
+    }
+    Ok(())
+}
