@@ -103,4 +103,7 @@ pub struct RunArgs {
     /// TTL of the subnet lease in etcd, in seconds (renewed before expiry).
     #[arg(long, env = "TWILLD_LEASE_TTL", default_value_t = 86_400)]
     pub lease_ttl: u64,
+    /// Seconds between reconcile passes (kernel entries against leases, rules, CNI config).
+    #[arg(long, env = "TWILLD_RECONCILE_INTERVAL", default_value_t = 10)]
+    pub reconcile_interval: u64,
 }

@@ -123,3 +123,217 @@ impl Default for Underlay {
         Underlay::new()
     }
 }
+
+/// Per-node directories for a `twilld` (all flags that write files point below one temp dir),
+/// kept across daemon restarts. The CNI bin dir holds symlinks to the built twill plugins
+/// (`cargo build --workspace --bins`); a plugin not built yet is replaced by a stand-in script
+/// that only answers VERSION.
+pub struct NodeDirs {
+    root: tempfile::TempDir,
+}
+
+/// The plugins twilld's conflist chains (portmap is only chained when present).
+pub const TWILL_PLUGINS: [&str; 4] = [
+    "twill",
+    "twill-bridge",
+    "twill-host-local",
+    "twill-loopback",
+];
+
+impl NodeDirs {
+    pub fn new() -> NodeDirs {
+        let root = tempfile::Builder::new()
+            .prefix("twill-node")
+            .tempdir()
+            .expect("node temp dir");
+        let d = NodeDirs { root };
+        std::fs::create_dir_all(d.cni_bin_dir()).expect("bin dir");
+        for p in TWILL_PLUGINS {
+            let built = crate::bins::target_dir().join(p);
+            let dst = d.cni_bin_dir().join(p);
+            if built.is_file() {
+                std::os::unix::fs::symlink(&built, &dst).expect("symlink plugin");
+            } else {
+                d.stand_in(p);
+            }
+        }
+        d
+    }
+
+    /// Writes a script for `name` that answers VERSION only (for plugins not built yet).
+    pub fn stand_in(&self, name: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.cni_bin_dir().join(name);
+        let _ = std::fs::remove_file(&p);
+        std::fs::write(
+            &p,
+            "#!/bin/sh\necho '{\"cniVersion\":\"1.0.0\",\"supportedVersions\":[\"0.3.0\",\"0.3.1\",\"0.4.0\",\"1.0.0\",\"1.1.0\"]}'\n",
+        )
+        .expect("stand-in plugin");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
+    pub fn root(&self) -> &std::path::Path {
+        self.root.path()
+    }
+    pub fn subnet_file(&self) -> std::path::PathBuf {
+        self.root.path().join("run/subnet.env")
+    }
+    pub fn cni_conf_dir(&self) -> std::path::PathBuf {
+        self.root.path().join("net.d")
+    }
+    pub fn conflist(&self) -> std::path::PathBuf {
+        self.cni_conf_dir().join("10-twill.conflist")
+    }
+    pub fn cni_bin_dir(&self) -> std::path::PathBuf {
+        self.root.path().join("bin")
+    }
+    pub fn cni_data_dir(&self) -> std::path::PathBuf {
+        self.root.path().join("cni")
+    }
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self.root.path().join("state")
+    }
+    pub fn log(&self) -> std::path::PathBuf {
+        self.root.path().join("twilld.log")
+    }
+
+    /// The flags pointing every file twilld writes below this dir.
+    pub fn args(&self) -> Vec<String> {
+        let p = |f: &str, v: std::path::PathBuf| format!("--{f}={}", v.display());
+        vec![
+            p("subnet-file", self.subnet_file()),
+            p("cni-conf-dir", self.cni_conf_dir()),
+            p("cni-bin-dir", self.cni_bin_dir()),
+            p("cni-data-dir", self.cni_data_dir()),
+            p("state-dir", self.state_dir()),
+        ]
+    }
+
+    /// `FLANNEL_SUBNET`'s network (e.g. `10.5.3.0/24`) once subnet.env exists.
+    pub fn subnet(&self) -> Option<ipnetwork::Ipv4Network> {
+        let text = std::fs::read_to_string(self.subnet_file()).ok()?;
+        let env = twill_common::subnet_env::SubnetEnv::parse(&text).ok()?;
+        env.subnet
+    }
+}
+
+impl Default for NodeDirs {
+    fn default() -> Self {
+        NodeDirs::new()
+    }
+}
+
+/// A `twilld` process running inside a node namespace; killed by PID on drop.
+///
+/// ```ignore
+/// let dirs = NodeDirs::new();
+/// let d = Twilld::start(node.name(), &dirs, &etcd.endpoint(), &["--iface=eth0"]);
+/// wait_for(|| dirs.conflist().exists(), Duration::from_secs(20));
+/// ```
+pub struct Twilld {
+    child: Option<std::process::Child>,
+    log: std::path::PathBuf,
+}
+
+impl Twilld {
+    /// `ip netns exec NS twilld --etcd-endpoints=ETCD <dirs.args()> <extra>`; stderr appended
+    /// to `dirs.log()`. `RUST_LOG` defaults to `info`.
+    pub fn start(ns: &str, dirs: &NodeDirs, etcd_endpoint: &str, extra: &[&str]) -> Twilld {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(dirs.log())
+            .expect("twilld log");
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .arg(crate::bins::bin("twilld"))
+            .arg(format!("--etcd-endpoints={etcd_endpoint}"))
+            .args(dirs.args())
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        let child = cmd.spawn().expect("spawn twilld");
+        Twilld {
+            child: Some(child),
+            log: dirs.log(),
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The daemon's log so far (all runs with the same dirs).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (up to 10 s) for the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let status = Twilld::wait_child(child, std::time::Duration::from_secs(10));
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.child = None;
+        status
+    }
+
+    /// Waits until the process exits by itself (None on timeout).
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let s = Twilld::wait_child(child, timeout);
+        if s.is_some() {
+            self.child = None;
+        }
+        s
+    }
+
+    fn wait_child(
+        child: &mut std::process::Child,
+        timeout: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                return Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Twilld {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns true; false after `timeout`.
+pub fn wait_for(mut f: impl FnMut() -> bool, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

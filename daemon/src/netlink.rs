@@ -1,0 +1,443 @@
+//! Thin, typed wrappers over rtnetlink for what the backends need: links, addresses,
+//! neighbours, FDB entries and routes in the daemon's own network namespace.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use ipnetwork::Ipv4Network;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
+};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+use crate::error::{Error, Result};
+use crate::lease::Mac;
+
+/// Protocol number on the routes twilld installs on the underlay (host-gw, DirectRouting), so
+/// a reconcile only ever removes its own routes there ("proto 116" in `ip route`).
+pub const TWILL_ROUTE_PROTO: u8 = 116;
+
+/// The errno of a netlink NACK (positive), if that is what `e` is.
+pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
+        _ => None,
+    }
+}
+
+/// Ok for "already gone" errors, so deletes are idempotent.
+fn ignore_missing(r: Result<(), rtnetlink::Error>) -> Result<()> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::ESRCH | libc::ENODEV)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A link's properties the daemon cares about.
+#[derive(Debug, Clone)]
+pub struct LinkInfoSummary {
+    pub index: u32,
+    pub name: String,
+    pub mtu: u32,
+    pub mac: Option<Mac>,
+    pub kind: Option<InfoKind>,
+    pub vxlan: Vec<InfoVxlan>,
+}
+
+fn summarize(m: &LinkMessage) -> LinkInfoSummary {
+    let mut s = LinkInfoSummary {
+        index: m.header.index,
+        name: String::new(),
+        mtu: 0,
+        mac: None,
+        kind: None,
+        vxlan: Vec::new(),
+    };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => s.name = n.clone(),
+            LinkAttribute::Mtu(v) => s.mtu = *v,
+            LinkAttribute::Address(b) if b.len() == 6 => {
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(b);
+                s.mac = Some(Mac(mac));
+            }
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    match i {
+                        LinkInfo::Kind(k) => s.kind = Some(k.clone()),
+                        LinkInfo::Data(InfoData::Vxlan(v)) => s.vxlan = v.clone(),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    s
+}
+
+/// The kernel's view of one neighbour or FDB entry.
+#[derive(Debug, Clone)]
+pub struct NeighEntry {
+    pub ip: Option<Ipv4Addr>,
+    pub mac: Option<Mac>,
+    pub permanent: bool,
+    pub msg: NeighbourMessage,
+}
+
+/// A route in the main table, as far as reconciling goes.
+#[derive(Debug, Clone)]
+pub struct RouteEntry {
+    pub dst: Ipv4Network,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+    pub onlink: bool,
+    pub protocol: RouteProtocol,
+    pub msg: RouteMessage,
+}
+
+#[derive(Clone)]
+pub struct Netlink {
+    pub handle: Handle,
+}
+
+impl Netlink {
+    /// Opens a netlink socket in the current namespace and drives it on the current runtime.
+    pub fn open() -> Result<Netlink> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(Error::io("open netlink socket"))?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkInfoSummary>> {
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m.as_ref().map(summarize)),
+            Err(e) if matches!(errno(&e), Some(libc::ENODEV)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<LinkInfoSummary>> {
+        let mut s = self.handle.link().get().match_index(index).execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m.as_ref().map(summarize)),
+            Err(e) if matches!(errno(&e), Some(libc::ENODEV)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `(ifindex, address, prefix)` of every IPv4 address.
+    pub async fn v4_addresses(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>> {
+        let msgs: Vec<AddressMessage> = self.handle.address().get().execute().try_collect().await?;
+        let mut out = Vec::new();
+        for m in msgs {
+            for a in &m.attributes {
+                // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer on p2p links).
+                if let AddressAttribute::Local(IpAddr::V4(ip)) = a {
+                    out.push((m.header.index, *ip, m.header.prefix_len));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ensures `ip/32` is on the link and removes other addresses of `within` from it.
+    pub async fn ensure_only_v4_address(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        within: Ipv4Network,
+    ) -> Result<()> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await?;
+        let mut have = false;
+        for m in msgs {
+            let addr = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            });
+            let Some(addr) = addr else { continue };
+            if addr == ip && m.header.prefix_len == 32 {
+                have = true;
+            } else if within.contains(addr) || addr == ip {
+                ignore_missing(self.handle.address().del(m).execute().await)?;
+            }
+        }
+        if !have {
+            match self
+                .handle
+                .address()
+                .add(index, IpAddr::V4(ip), 32)
+                .execute()
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn set_up(&self, index: u32) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).up().build();
+        Ok(self.handle.link().set(msg).execute().await?)
+    }
+
+    pub async fn set_mac(&self, index: u32, mac: Mac) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index)
+            .address(mac.0.to_vec())
+            .build();
+        Ok(self.handle.link().set(msg).execute().await?)
+    }
+
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        Ok(self.handle.link().set(msg).execute().await?)
+    }
+
+    pub async fn add_link(&self, msg: LinkMessage) -> Result<(), rtnetlink::Error> {
+        self.handle.link().add(msg).execute().await
+    }
+
+    pub async fn del_link(&self, index: u32) -> Result<()> {
+        ignore_missing(self.handle.link().del(index).execute().await)
+    }
+
+    /// The interface of the IPv4 default route (lowest metric first).
+    pub async fn default_route_oif(&self) -> Result<Option<u32>> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let routes: Vec<RouteMessage> =
+            self.handle.route().get(msg).execute().try_collect().await?;
+        let mut best: Option<(u32, u32)> = None;
+        for r in routes {
+            if r.header.destination_prefix_length != 0
+                || r.header.table != RouteHeader::RT_TABLE_MAIN
+            {
+                continue;
+            }
+            let mut oif = None;
+            let mut prio = 0;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Priority(p) => prio = *p,
+                    _ => {}
+                }
+            }
+            if let Some(o) = oif {
+                if best.is_none_or(|(p, _)| prio < p) {
+                    best = Some((prio, o));
+                }
+            }
+        }
+        Ok(best.map(|(_, o)| o))
+    }
+
+    // ----- neighbours and FDB -----
+
+    /// `ip neigh replace <ip> lladdr <mac> dev <index> nud permanent`.
+    pub async fn neigh_replace(&self, index: u32, ip: Ipv4Addr, mac: Mac) -> Result<()> {
+        Ok(self
+            .handle
+            .neighbours()
+            .add(index, IpAddr::V4(ip))
+            .link_layer_address(&mac.0)
+            .state(NeighbourState::Permanent)
+            .kind(RouteType::Unicast)
+            .replace()
+            .execute()
+            .await?)
+    }
+
+    /// `bridge fdb replace <mac> dev <index> dst <ip> self permanent`.
+    pub async fn fdb_replace(&self, index: u32, mac: Mac, dst: Ipv4Addr) -> Result<()> {
+        Ok(self
+            .handle
+            .neighbours()
+            .add_bridge(index, &mac.0)
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .destination(IpAddr::V4(dst))
+            .replace()
+            .execute()
+            .await?)
+    }
+
+    pub async fn neigh_del(&self, msg: NeighbourMessage) -> Result<()> {
+        ignore_missing(self.handle.neighbours().del(msg).execute().await)
+    }
+
+    pub fn neigh_msg(index: u32, ip: Ipv4Addr) -> NeighbourMessage {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.ifindex = index;
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        m
+    }
+
+    pub fn fdb_msg(index: u32, mac: Mac, dst: Ipv4Addr) -> NeighbourMessage {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Bridge;
+        m.header.ifindex = index;
+        m.header.flags = NeighbourFlags::Own;
+        m.header.state = NeighbourState::Permanent;
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+        m
+    }
+
+    async fn dump_neigh(&self, family: AddressFamily, index: u32) -> Result<Vec<NeighEntry>> {
+        let msgs: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute()
+            .try_collect()
+            .await?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.ifindex == index)
+            .map(|m| {
+                let mut e = NeighEntry {
+                    ip: None,
+                    mac: None,
+                    permanent: m.header.state == NeighbourState::Permanent,
+                    msg: m.clone(),
+                };
+                for a in &m.attributes {
+                    match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                            e.ip = Some(*ip)
+                        }
+                        NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
+                            let mut mac = [0u8; 6];
+                            mac.copy_from_slice(b);
+                            e.mac = Some(Mac(mac));
+                        }
+                        _ => {}
+                    }
+                }
+                e
+            })
+            .collect())
+    }
+
+    /// IPv4 neighbour entries on `index`.
+    pub async fn neighbours(&self, index: u32) -> Result<Vec<NeighEntry>> {
+        self.dump_neigh(AddressFamily::Inet, index).await
+    }
+
+    /// FDB entries on `index` (bridge family).
+    pub async fn fdb(&self, index: u32) -> Result<Vec<NeighEntry>> {
+        self.dump_neigh(AddressFamily::Bridge, index).await
+    }
+
+    // ----- routes -----
+
+    fn route_msg(dst: Ipv4Network, gw: Ipv4Addr, oif: u32, onlink: bool) -> RouteMessage {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix())
+            .gateway(gw)
+            .output_interface(oif)
+            .protocol(RouteProtocol::Other(TWILL_ROUTE_PROTO))
+            .scope(RouteScope::Universe);
+        if onlink {
+            b = b.onlink();
+        }
+        b.build()
+    }
+
+    /// `ip route replace <dst> via <gw> dev <oif> [onlink] proto 116`.
+    pub async fn route_replace(
+        &self,
+        dst: Ipv4Network,
+        gw: Ipv4Addr,
+        oif: u32,
+        onlink: bool,
+    ) -> Result<()> {
+        let msg = Netlink::route_msg(dst, gw, oif, onlink);
+        Ok(self.handle.route().add(msg).replace().execute().await?)
+    }
+
+    pub async fn route_del(&self, msg: RouteMessage) -> Result<()> {
+        ignore_missing(self.handle.route().del(msg).execute().await)
+    }
+
+    /// Deletes the main-table route to `dst` (whatever its next hop).
+    pub async fn route_del_dst(&self, dst: Ipv4Network) -> Result<()> {
+        let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix())
+            .build();
+        msg.header.protocol = RouteProtocol::Unspec;
+        msg.header.scope = RouteScope::NoWhere;
+        msg.header.kind = RouteType::Unspec;
+        self.route_del(msg).await
+    }
+
+    /// IPv4 unicast routes of the main table.
+    pub async fn main_routes(&self) -> Result<Vec<RouteEntry>> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let msgs: Vec<RouteMessage> = self.handle.route().get(msg).execute().try_collect().await?;
+        let mut out = Vec::new();
+        for m in msgs {
+            if m.header.table != RouteHeader::RT_TABLE_MAIN || m.header.kind != RouteType::Unicast {
+                continue;
+            }
+            let mut dst = None;
+            let mut gateway = None;
+            let mut oif = None;
+            for a in &m.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(*ip),
+                    RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            let Ok(dst) = Ipv4Network::new(
+                dst.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                m.header.destination_prefix_length,
+            ) else {
+                continue;
+            };
+            out.push(RouteEntry {
+                dst,
+                gateway,
+                oif,
+                onlink: m.header.flags.contains(RouteFlags::Onlink),
+                protocol: m.header.protocol,
+                msg: m,
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,394 @@
+//! twilld against a real etcd, nodes as namespaces on an underlay bridge: leases in flannel's
+//! schema, kernel state per peer, pings across the VXLAN, lease removal, flannel-node leases,
+//! health endpoints.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use twill_tests::etcd::Etcd;
+use twill_tests::underlay::{wait_for, Node, NodeDirs, Twilld, Underlay};
+
+const PREFIX: &str = "/coreos.com/network";
+const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Member {
+    node: Node,
+    dirs: NodeDirs,
+    daemon: Twilld,
+}
+
+impl Member {
+    fn subnet(&self) -> ipnetwork::Ipv4Network {
+        self.dirs.subnet().expect("subnet.env")
+    }
+    fn mac(&self) -> String {
+        let out = self
+            .node
+            .ns
+            .exec(&["cat", "/sys/class/net/twill.1/address"]);
+        out.trim().to_string()
+    }
+}
+
+fn start(ul: &Underlay, etcd: &Etcd, extra: &[&str]) -> Member {
+    let node = ul.add_node();
+    let dirs = NodeDirs::new();
+    let mut args = vec!["--iface=eth0"];
+    args.extend_from_slice(extra);
+    let daemon = Twilld::start(node.name(), &dirs, &etcd.endpoint(), &args);
+    Member { node, dirs, daemon }
+}
+
+fn wait_ready(m: &Member) {
+    assert!(
+        wait_for(|| m.dirs.conflist().exists(), WAIT),
+        "conflist never appeared; log:\n{}",
+        m.daemon.log()
+    );
+}
+
+fn leases(etcd: &Etcd) -> Vec<(String, Value)> {
+    etcd.get_prefix(&format!("{PREFIX}/subnets/"))
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::from_str(&v).expect("lease json")))
+        .collect()
+}
+
+/// `ip -4 neigh`, `bridge fdb` and `ip route` on twill.1 in one string each.
+fn kernel_state(m: &Member) -> (String, String, String) {
+    let ns = &m.node.ns;
+    (
+        ns.exec(&["ip", "-4", "neigh", "show", "dev", "twill.1"]),
+        ns.exec(&["bridge", "fdb", "show", "dev", "twill.1"]),
+        ns.exec(&["ip", "-4", "route", "show", "dev", "twill.1"]),
+    )
+}
+
+/// Whether `m` has the neighbour, FDB entry and onlink route for a peer.
+fn has_peer(m: &Member, subnet: &str, mac: &str, public_ip: &str) -> bool {
+    let net = subnet.split('/').next().unwrap();
+    let (neigh, fdb, routes) = kernel_state(m);
+    neigh.contains(&format!("{net} lladdr {mac} PERMANENT"))
+        && fdb.contains(&format!("{mac} dst {public_ip} self permanent"))
+        && routes
+            .lines()
+            .any(|l| l.starts_with(&format!("{subnet} via {net} ")) && l.contains("onlink"))
+}
+
+fn lacks_peer(m: &Member, subnet: &str, mac: &str) -> bool {
+    let net = subnet.split('/').next().unwrap();
+    let (neigh, fdb, routes) = kernel_state(m);
+    !neigh.contains(&format!("{net} ")) && !fdb.contains(mac) && !routes.contains(subnet)
+}
+
+/// A stand-in pod address: bridge `cni0` holding FLANNEL_SUBNET's first address.
+fn add_pod_bridge(m: &Member) -> String {
+    let sn = m.subnet();
+    let gw = std::net::Ipv4Addr::from(u32::from(sn.network()) + 1);
+    let ns = &m.node.ns;
+    ns.exec(&["ip", "link", "add", "cni0", "type", "bridge"]);
+    ns.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{gw}/{}", sn.prefix()),
+        "dev",
+        "cni0",
+    ]);
+    ns.exec(&["ip", "link", "set", "cni0", "up"]);
+    gw.to_string()
+}
+
+fn ping(from: &Member, src: &str, dst: &str) -> bool {
+    from.node
+        .ns
+        .output(&["ping", "-c1", "-W2", "-I", src, dst])
+        .status
+        .success()
+}
+
+fn http_get(m: &Member, url: &str) -> (u16, String) {
+    let out = m
+        .node
+        .ns
+        .output(&["curl", "-s", "-w", "\n%{http_code}", url]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn two_nodes_flannel_schema_kernel_state_and_ping() {
+    let ul = Underlay::new();
+    let etcd = Etcd::start_in(ul.ns_name(), &ul.etcd_ip().to_string());
+    etcd.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]);
+    let a = start(
+        &ul,
+        &etcd,
+        &["--healthz-ip=127.0.0.1", "--healthz-port=18081"],
+    );
+    let b = start(&ul, &etcd, &[]);
+    wait_ready(&a);
+    wait_ready(&b);
+
+    // subnet.env in flannel's format.
+    let env = std::fs::read_to_string(a.dirs.subnet_file()).unwrap();
+    let sa = a.subnet();
+    let first = std::net::Ipv4Addr::from(u32::from(sa.network()) + 1);
+    assert_eq!(
+        env,
+        format!("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET={first}/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n")
+    );
+    let sb = b.subnet();
+    assert_ne!(sa, sb);
+
+    // Leases in flannel's schema, bound to an etcd lease.
+    let ls = leases(&etcd);
+    assert_eq!(ls.len(), 2, "{ls:?}");
+    for (m, s) in [(&a, sa), (&b, sb)] {
+        let key = format!("{PREFIX}/subnets/{}-{}", s.network(), s.prefix());
+        let (_, v) = ls.iter().find(|(k, _)| *k == key).expect("lease key");
+        assert_eq!(v["PublicIP"], m.node.ip.to_string());
+        assert_eq!(v["PublicIPv6"], Value::Null);
+        assert_eq!(v["BackendType"], "vxlan");
+        assert_eq!(v["BackendData"]["VNI"], 1);
+        assert_eq!(v["BackendData"]["VtepMAC"], m.mac());
+        assert_ne!(etcd.key_lease(&key), 0, "lease key must carry a TTL");
+        let raw = etcd.get(&key).unwrap();
+        assert!(
+            raw.starts_with(r#"{"PublicIP":""#),
+            "field order as flannel: {raw}"
+        );
+    }
+
+    // The VTEP: flannel's attributes, /32 network address, MTU 1450.
+    let link = a.node.ns.exec(&["ip", "-d", "link", "show", "twill.1"]);
+    for want in [
+        "mtu 1450",
+        "vxlan id 1",
+        &format!("local {}", a.node.ip),
+        "dev eth0",
+        "dstport 8472",
+        "nolearning",
+    ] {
+        assert!(link.contains(want), "{want:?} missing in {link}");
+    }
+    let addr = a
+        .node
+        .ns
+        .exec(&["ip", "-4", "addr", "show", "dev", "twill.1"]);
+    assert!(
+        addr.contains(&format!("inet {}/32", sa.network())),
+        "{addr}"
+    );
+
+    // Each node has exactly its peer programmed.
+    assert!(
+        wait_for(
+            || has_peer(&a, &sb.to_string(), &b.mac(), &b.node.ip.to_string()),
+            WAIT
+        ),
+        "{:?}",
+        kernel_state(&a)
+    );
+    assert!(
+        wait_for(
+            || has_peer(&b, &sa.to_string(), &a.mac(), &a.node.ip.to_string()),
+            WAIT
+        ),
+        "{:?}",
+        kernel_state(&b)
+    );
+    assert_eq!(
+        kernel_state(&a).2.lines().count(),
+        1,
+        "only the peer's route"
+    );
+
+    // A ping between addresses of the two subnets crosses the VXLAN.
+    let ga = add_pod_bridge(&a);
+    let gb = add_pod_bridge(&b);
+    let before = b
+        .node
+        .ns
+        .exec(&["cat", "/sys/class/net/twill.1/statistics/rx_packets"]);
+    assert!(
+        ping(&a, &ga, &gb),
+        "ping {ga} -> {gb} failed; {:?}",
+        kernel_state(&a)
+    );
+    assert!(ping(&b, &gb, &ga), "ping {gb} -> {ga} failed");
+    let after = b
+        .node
+        .ns
+        .exec(&["cat", "/sys/class/net/twill.1/statistics/rx_packets"]);
+    assert!(
+        after.trim().parse::<u64>().unwrap() > before.trim().parse::<u64>().unwrap(),
+        "the ping did not arrive through twill.1"
+    );
+
+    // Health endpoints.
+    let (code, body) = http_get(&a, "http://127.0.0.1:18081/healthz");
+    assert_eq!(code, 200, "{body}");
+    assert!(wait_for(
+        || http_get(&a, "http://127.0.0.1:18081/readyz").0 == 200,
+        WAIT
+    ));
+    let (code, metrics) = http_get(&a, "http://127.0.0.1:18081/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("twill_leases_known 2"), "{metrics}");
+    assert!(metrics.contains("twill_peers_programmed 1"), "{metrics}");
+    assert_eq!(http_get(&a, "http://127.0.0.1:18081/nope").0, 404);
+
+    // The conflist follows the contract.
+    let conf: Value =
+        serde_json::from_str(&std::fs::read_to_string(a.dirs.conflist()).unwrap()).unwrap();
+    assert_eq!(conf["cniVersion"], "1.0.0");
+    assert_eq!(conf["name"], "twill");
+    assert_eq!(conf["plugins"][0]["type"], "twill");
+    assert_eq!(
+        conf["plugins"][0]["subnetFile"],
+        a.dirs.subnet_file().display().to_string()
+    );
+    assert_eq!(conf["plugins"][0]["ipam"]["type"], "twill-host-local");
+    assert!(conf["cniVersions"]
+        .as_array()
+        .unwrap()
+        .contains(&Value::from("1.0.0")));
+    drop(a.daemon);
+    drop(b.daemon);
+}
+
+/// Grants an etcd lease with `ttl` seconds; returns its hex ID as etcdctl prints it.
+fn grant(etcd: &Etcd, ttl: u32) -> String {
+    let out = etcd.etcdctl(&["lease", "grant", &ttl.to_string()]);
+    out.split_whitespace().nth(1).expect("lease id").to_string()
+}
+
+#[test]
+fn flannel_node_lease_is_honoured_and_deleted_lease_removed_everywhere() {
+    let ul = Underlay::new();
+    let etcd = Etcd::start_in(ul.ns_name(), &ul.etcd_ip().to_string());
+    etcd.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]);
+    let members: Vec<Member> = (0..3).map(|_| start(&ul, &etcd, &[])).collect();
+    for m in &members {
+        wait_ready(m);
+    }
+
+    // A node running flannel: its lease written the way flanneld writes it, its data path
+    // set up as flanneld's vxlan backend would (device flannel.1, routes to node 0).
+    let f = ul.add_node();
+    let fmac = "02:aa:bb:cc:dd:01";
+    let fsub = "10.5.200.0/24";
+    let fns = &f.ns;
+    fns.exec(&[
+        "ip",
+        "link",
+        "add",
+        "flannel.1",
+        "address",
+        fmac,
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        &f.ip.to_string(),
+        "dev",
+        "eth0",
+        "dstport",
+        "8472",
+        "nolearning",
+    ]);
+    fns.exec(&["ip", "addr", "add", "10.5.200.0/32", "dev", "flannel.1"]);
+    fns.exec(&["ip", "link", "set", "flannel.1", "up"]);
+    fns.exec(&["ip", "link", "add", "cni0", "type", "bridge"]);
+    fns.exec(&["ip", "addr", "add", "10.5.200.1/24", "dev", "cni0"]);
+    fns.exec(&["ip", "link", "set", "cni0", "up"]);
+    let a = &members[0];
+    let (asub, amac) = (a.subnet(), a.mac());
+    let anet = asub.network().to_string();
+    fns.exec(&[
+        "ip",
+        "neigh",
+        "replace",
+        &anet,
+        "lladdr",
+        &amac,
+        "dev",
+        "flannel.1",
+        "nud",
+        "permanent",
+    ]);
+    fns.exec(&[
+        "bridge",
+        "fdb",
+        "replace",
+        &amac,
+        "dev",
+        "flannel.1",
+        "dst",
+        &a.node.ip.to_string(),
+        "self",
+        "permanent",
+    ]);
+    fns.exec(&[
+        "ip",
+        "route",
+        "replace",
+        &asub.to_string(),
+        "via",
+        &anet,
+        "dev",
+        "flannel.1",
+        "onlink",
+    ]);
+    let fkey = format!("{PREFIX}/subnets/10.5.200.0-24");
+    let fval = format!(
+        r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{fmac}"}}}}"#,
+        f.ip
+    );
+    let lease = grant(&etcd, 600);
+    etcd.etcdctl(&["put", &format!("--lease={lease}"), &fkey, &fval]);
+
+    // Every twill node programs the flannel node, and traffic flows between them.
+    for m in &members {
+        assert!(
+            wait_for(|| has_peer(m, fsub, fmac, &f.ip.to_string()), WAIT),
+            "{} lacks the flannel peer: {:?}",
+            m.node.name(),
+            kernel_state(m)
+        );
+        for o in &members {
+            if o.node.ip != m.node.ip {
+                assert!(has_peer(
+                    m,
+                    &o.subnet().to_string(),
+                    &o.mac(),
+                    &o.node.ip.to_string()
+                ));
+            }
+        }
+        assert_eq!(
+            kernel_state(m).2.lines().count(),
+            3,
+            "two twill peers + the flannel node"
+        );
+    }
+    let ga = add_pod_bridge(a);
+    assert!(ping(a, &ga, "10.5.200.1"), "twill -> flannel ping failed");
+
+    // Deleting the lease key removes that peer from every node.
+    etcd.etcdctl(&["del", &fkey]);
+    for m in &members {
+        assert!(
+            wait_for(|| lacks_peer(m, fsub, fmac), WAIT),
+            "{} still has the deleted peer: {:?}",
+            m.node.name(),
+            kernel_state(m)
+        );
+        assert_eq!(kernel_state(m).2.lines().count(), 2);
+    }
+    assert!(!ping(a, &ga, "10.5.200.1"));
+}
