@@ -15,7 +15,9 @@ use twill_tests::netns::Netns;
 const SUBNET_ENV: &str =
     "FLANNEL_NETWORK=10.250.0.0/16\nFLANNEL_SUBNET=10.250.3.1/24\nFLANNEL_MTU=1400\nFLANNEL_IPMASQ=true\n";
 
-/// A node namespace with its own conf/bin/data dirs and the conflist twilld writes.
+/// A node namespace with its own conf/bin/data dirs and the conflist twilld writes. With
+/// Debian's portmap (spec ≤ 1.0.0) chained, `cniVersions` stops at 1.0.0 as twilld's does;
+/// without it the list reaches 1.1.0 (STATUS, GC).
 struct Node {
     ns: Netns,
     _dir: tempfile::TempDir,
@@ -23,7 +25,7 @@ struct Node {
 }
 
 impl Node {
-    fn new() -> Node {
+    fn new(portmap: bool) -> Node {
         let ns = Netns::new("m");
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().to_path_buf();
@@ -34,16 +36,21 @@ impl Node {
             std::os::unix::fs::symlink(bins::bin(p), root.join("bin").join(p)).unwrap();
         }
         std::os::unix::fs::symlink("/usr/lib/cni/portmap", root.join("bin/portmap")).unwrap();
-        let conflist = json!({
-            "cniVersion": "1.0.0",
-            "cniVersions": ["0.3.1", "0.4.0", "1.0.0", "1.1.0"],
-            "name": "twill",
-            "plugins": [
+        let mut plugins = vec![json!(
                 {"type": "twill", "subnetFile": root.join("subnet.env"), "dataDir": root.join("data/twill"),
                  "delegate": {"hairpinMode": true, "isDefaultGateway": true},
-                 "ipam": {"type": "twill-host-local", "dataDir": root.join("data/networks")}},
-                {"type": "portmap", "capabilities": {"portMappings": true}}
-            ]
+                 "ipam": {"type": "twill-host-local", "dataDir": root.join("data/networks")}})];
+        let mut versions = vec!["0.3.1", "0.4.0", "1.0.0"];
+        if portmap {
+            plugins.push(json!({"type": "portmap", "capabilities": {"portMappings": true}}));
+        } else {
+            versions.push("1.1.0");
+        }
+        let conflist = json!({
+            "cniVersion": "1.0.0",
+            "cniVersions": versions,
+            "name": "twill",
+            "plugins": plugins,
         });
         fs::write(root.join("conf/10-twill.conflist"), conflist.to_string()).unwrap();
         Node {
@@ -115,12 +122,12 @@ fn code_of(e: Error) -> Option<u64> {
 
 #[test]
 fn add_renders_saves_then_del_cleans_up() {
-    let node = Node::new();
+    let node = Node::new(true);
     node.write_subnet_env();
     let pod = Netns::new("p");
     let a = attachment(&pod);
     let list = node.list();
-    assert_eq!(list.version, "1.1.0", "runtime picks the highest version");
+    assert_eq!(list.version, "1.0.0", "runtime picks the highest version");
     let rt = node.runtime();
     let result = rt.add(&list, &a).expect("ADD through twill + portmap");
     let ip = ip_of(&result);
@@ -141,7 +148,7 @@ fn add_renders_saves_then_del_cleans_up() {
     let d: Value = serde_json::from_slice(&fs::read(&saved).unwrap()).unwrap();
     assert_eq!(d["type"], "twill-bridge");
     assert_eq!(d["name"], "twill");
-    assert_eq!(d["cniVersion"], "1.1.0");
+    assert_eq!(d["cniVersion"], "1.0.0");
     assert_eq!(
         d["ipMasq"], false,
         "twilld masquerades (FLANNEL_IPMASQ=true)"
@@ -186,7 +193,7 @@ fn add_renders_saves_then_del_cleans_up() {
 
 #[test]
 fn failed_delegate_del_keeps_the_saved_config() {
-    let node = Node::new();
+    let node = Node::new(true);
     node.write_subnet_env();
     let pod = Netns::new("p");
     let a = attachment(&pod);
@@ -216,7 +223,7 @@ fn failed_delegate_del_keeps_the_saved_config() {
 
 #[test]
 fn missing_subnet_env_is_try_again_and_status_not_available() {
-    let node = Node::new();
+    let node = Node::new(false);
     let pod = Netns::new("p");
     let a = attachment(&pod);
     let list = node.list();
@@ -252,7 +259,7 @@ fn missing_subnet_env_is_try_again_and_status_not_available() {
 
 #[test]
 fn gc_deletes_stale_attachments_only() {
-    let node = Node::new();
+    let node = Node::new(false);
     node.write_subnet_env();
     let keep_ns = Netns::new("p");
     let stale_ns = Netns::new("p");
