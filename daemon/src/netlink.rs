@@ -338,6 +338,12 @@ impl Netlink {
                         NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
                             e.ip = Some(*ip)
                         }
+                        // In AF_BRIDGE dumps the VXLAN remote comes back as raw bytes.
+                        NeighbourAttribute::Destination(NeighbourAddress::Other(b))
+                            if b.len() == 4 =>
+                        {
+                            e.ip = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+                        }
                         NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
                             let mut mac = [0u8; 6];
                             mac.copy_from_slice(b);

@@ -288,6 +288,14 @@ impl Twilld {
         status
     }
 
+    /// Kills the daemon with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Waits until the process exits by itself (None on timeout).
     pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
         let child = self.child.as_mut()?;
@@ -336,4 +344,58 @@ pub fn wait_for(mut f: impl FnMut() -> bool, timeout: std::time::Duration) -> bo
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// `ip -4 neigh`, `bridge fdb` and `ip -4 route` of a device, for assertions and messages.
+pub fn vtep_state(ns: &Netns, dev: &str) -> (String, String, String) {
+    let run = |argv: &[&str]| String::from_utf8_lossy(&ns.output(argv).stdout).into_owned();
+    (
+        run(&["ip", "-4", "neigh", "show", "dev", dev]),
+        run(&["bridge", "fdb", "show", "dev", dev]),
+        run(&["ip", "-4", "route", "show", "dev", dev]),
+    )
+}
+
+/// Whether `dev` carries flannel's three entries for a vxlan peer: permanent neighbour
+/// (network address → MAC), FDB (MAC → public IP), onlink route via the network address.
+pub fn has_vxlan_peer(ns: &Netns, dev: &str, subnet: &str, mac: &str, public_ip: &str) -> bool {
+    let net = subnet.split('/').next().unwrap_or_default();
+    let (neigh, fdb, routes) = vtep_state(ns, dev);
+    neigh.contains(&format!("{net} lladdr {mac} PERMANENT"))
+        && fdb.contains(&format!("{mac} dst {public_ip} self permanent"))
+        && routes
+            .lines()
+            .any(|l| l.starts_with(&format!("{subnet} via {net} ")) && l.contains("onlink"))
+}
+
+/// Whether `dev` has none of the entries of a peer.
+pub fn lacks_vxlan_peer(ns: &Netns, dev: &str, subnet: &str, mac: &str) -> bool {
+    let net = subnet.split('/').next().unwrap_or_default();
+    let (neigh, fdb, routes) = vtep_state(ns, dev);
+    !neigh.lines().any(|l| l.starts_with(&format!("{net} ")))
+        && !fdb.contains(mac)
+        && !routes.contains(subnet)
+}
+
+/// A stand-in pod address: bridge `cni0` in `ns` holding the first address of `subnet`.
+pub fn add_pod_bridge(ns: &Netns, subnet: ipnetwork::Ipv4Network) -> Ipv4Addr {
+    let gw = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+    ns.exec(&["ip", "link", "add", "cni0", "type", "bridge"]);
+    ns.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{gw}/{}", subnet.prefix()),
+        "dev",
+        "cni0",
+    ]);
+    ns.exec(&["ip", "link", "set", "cni0", "up"]);
+    gw
+}
+
+/// One ping from `src` (an address in `ns`) to `dst`, 2 s timeout.
+pub fn ping_from(ns: &Netns, src: &str, dst: &str) -> bool {
+    ns.output(&["ping", "-c1", "-W2", "-I", src, dst])
+        .status
+        .success()
 }

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 use twill_tests::etcd::Etcd;
-use twill_tests::underlay::{wait_for, Node, NodeDirs, Twilld, Underlay};
+use twill_tests::underlay::{
+    add_pod_bridge, has_vxlan_peer, lacks_vxlan_peer, ping_from, vtep_state, wait_for, Node,
+    NodeDirs, Twilld, Underlay,
+};
 
 const PREFIX: &str = "/coreos.com/network";
 const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
@@ -55,57 +58,24 @@ fn leases(etcd: &Etcd) -> Vec<(String, Value)> {
         .collect()
 }
 
-/// `ip -4 neigh`, `bridge fdb` and `ip route` on twill.1 in one string each.
 fn kernel_state(m: &Member) -> (String, String, String) {
-    let ns = &m.node.ns;
-    (
-        ns.exec(&["ip", "-4", "neigh", "show", "dev", "twill.1"]),
-        ns.exec(&["bridge", "fdb", "show", "dev", "twill.1"]),
-        ns.exec(&["ip", "-4", "route", "show", "dev", "twill.1"]),
-    )
+    vtep_state(&m.node.ns, "twill.1")
 }
 
-/// Whether `m` has the neighbour, FDB entry and onlink route for a peer.
 fn has_peer(m: &Member, subnet: &str, mac: &str, public_ip: &str) -> bool {
-    let net = subnet.split('/').next().unwrap();
-    let (neigh, fdb, routes) = kernel_state(m);
-    neigh.contains(&format!("{net} lladdr {mac} PERMANENT"))
-        && fdb.contains(&format!("{mac} dst {public_ip} self permanent"))
-        && routes
-            .lines()
-            .any(|l| l.starts_with(&format!("{subnet} via {net} ")) && l.contains("onlink"))
+    has_vxlan_peer(&m.node.ns, "twill.1", subnet, mac, public_ip)
 }
 
 fn lacks_peer(m: &Member, subnet: &str, mac: &str) -> bool {
-    let net = subnet.split('/').next().unwrap();
-    let (neigh, fdb, routes) = kernel_state(m);
-    !neigh.contains(&format!("{net} ")) && !fdb.contains(mac) && !routes.contains(subnet)
+    lacks_vxlan_peer(&m.node.ns, "twill.1", subnet, mac)
 }
 
-/// A stand-in pod address: bridge `cni0` holding FLANNEL_SUBNET's first address.
-fn add_pod_bridge(m: &Member) -> String {
-    let sn = m.subnet();
-    let gw = std::net::Ipv4Addr::from(u32::from(sn.network()) + 1);
-    let ns = &m.node.ns;
-    ns.exec(&["ip", "link", "add", "cni0", "type", "bridge"]);
-    ns.exec(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{gw}/{}", sn.prefix()),
-        "dev",
-        "cni0",
-    ]);
-    ns.exec(&["ip", "link", "set", "cni0", "up"]);
-    gw.to_string()
+fn add_pod(m: &Member) -> String {
+    add_pod_bridge(&m.node.ns, m.subnet()).to_string()
 }
 
 fn ping(from: &Member, src: &str, dst: &str) -> bool {
-    from.node
-        .ns
-        .output(&["ping", "-c1", "-W2", "-I", src, dst])
-        .status
-        .success()
+    ping_from(&from.node.ns, src, dst)
 }
 
 fn http_get(m: &Member, url: &str) -> (u16, String) {
@@ -207,8 +177,8 @@ fn two_nodes_flannel_schema_kernel_state_and_ping() {
     );
 
     // A ping between addresses of the two subnets crosses the VXLAN.
-    let ga = add_pod_bridge(&a);
-    let gb = add_pod_bridge(&b);
+    let ga = add_pod(&a);
+    let gb = add_pod(&b);
     let before = b
         .node
         .ns
@@ -376,7 +346,7 @@ fn flannel_node_lease_is_honoured_and_deleted_lease_removed_everywhere() {
             "two twill peers + the flannel node"
         );
     }
-    let ga = add_pod_bridge(a);
+    let ga = add_pod(a);
     assert!(ping(a, &ga, "10.5.200.1"), "twill -> flannel ping failed");
 
     // Deleting the lease key removes that peer from every node.

@@ -1,0 +1,443 @@
+//! twilld's life cycle against a real etcd: restarts keep the subnet, lost races retry,
+//! the VTEP heals, reconcile removes drift, expiry removes peers, etcd outages and
+//! compaction are survived without touching the data path.
+
+use std::time::Duration;
+
+use twill_tests::etcd::Etcd;
+use twill_tests::underlay::{
+    add_pod_bridge, has_vxlan_peer, lacks_vxlan_peer, ping_from, vtep_state, wait_for, Node,
+    NodeDirs, Twilld, Underlay,
+};
+
+const PREFIX: &str = "/coreos.com/network";
+const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Member {
+    node: Node,
+    dirs: NodeDirs,
+    daemon: Twilld,
+}
+
+impl Member {
+    fn subnet(&self) -> ipnetwork::Ipv4Network {
+        self.dirs.subnet().expect("subnet.env")
+    }
+    fn mac(&self) -> String {
+        self.node
+            .ns
+            .exec(&["cat", "/sys/class/net/twill.1/address"])
+            .trim()
+            .to_string()
+    }
+    fn key(&self) -> String {
+        let s = self.subnet();
+        format!("{PREFIX}/subnets/{}-{}", s.network(), s.prefix())
+    }
+    fn restart(&mut self, etcd: &Etcd, extra: &[&str]) {
+        let mut args = vec!["--iface=eth0"];
+        args.extend_from_slice(extra);
+        self.daemon = Twilld::start(self.node.name(), &self.dirs, &etcd.endpoint(), &args);
+    }
+    /// Whether `self` has `peer`'s vxlan entries.
+    fn sees(&self, peer: &Member) -> bool {
+        has_vxlan_peer(
+            &self.node.ns,
+            "twill.1",
+            &peer.subnet().to_string(),
+            &peer.mac(),
+            &peer.node.ip.to_string(),
+        )
+    }
+    fn state(&self) -> (String, String, String) {
+        vtep_state(&self.node.ns, "twill.1")
+    }
+}
+
+fn setup(config: &str) -> (Underlay, Etcd) {
+    let ul = Underlay::new();
+    let etcd = Etcd::start_in(ul.ns_name(), &ul.etcd_ip().to_string());
+    etcd.etcdctl(&["put", &format!("{PREFIX}/config"), config]);
+    (ul, etcd)
+}
+
+fn start(ul: &Underlay, etcd: &Etcd, extra: &[&str]) -> Member {
+    let node = ul.add_node();
+    let dirs = NodeDirs::new();
+    let mut args = vec!["--iface=eth0", "--reconcile-interval=1"];
+    args.extend_from_slice(extra);
+    let daemon = Twilld::start(node.name(), &dirs, &etcd.endpoint(), &args);
+    Member { node, dirs, daemon }
+}
+
+fn wait_ready(m: &Member) {
+    assert!(
+        wait_for(
+            || m.dirs.conflist().exists() && m.dirs.subnet().is_some(),
+            WAIT
+        ),
+        "{} never got ready; log:\n{}",
+        m.node.name(),
+        m.daemon.log()
+    );
+}
+
+#[test]
+fn restart_keeps_subnet_mac_and_data_path() {
+    let (ul, etcd) = setup(CONFIG);
+    let mut a = start(&ul, &etcd, &[]);
+    let b = start(&ul, &etcd, &[]);
+    wait_ready(&a);
+    wait_ready(&b);
+    assert!(wait_for(|| b.sees(&a) && a.sees(&b), WAIT));
+    let (subnet, mac, key) = (a.subnet(), a.mac(), a.key());
+    let ga = add_pod_bridge(&a.node.ns, subnet).to_string();
+    let gb = add_pod_bridge(&b.node.ns, b.subnet()).to_string();
+    assert!(ping_from(&a.node.ns, &ga, &gb));
+
+    // SIGTERM: clean exit, nothing torn down.
+    let status = a.daemon.terminate().expect("twilld exited");
+    assert!(status.success(), "exit status {status}");
+    assert!(a.dirs.conflist().exists(), "conflist must stay");
+    assert!(etcd.get(&key).is_some(), "lease must stay");
+    assert!(a.node.ns.has_link("twill.1"));
+    assert!(b.sees(&a));
+    assert!(
+        ping_from(&a.node.ns, &ga, &gb),
+        "data path must survive the daemon's exit"
+    );
+
+    // Restart: same subnet (by PublicIP), same VtepMAC.
+    a.restart(&etcd, &["--reconcile-interval=1"]);
+    assert!(
+        wait_for(
+            || a.daemon.log().matches("reusing this node's lease").count() >= 1,
+            WAIT
+        ),
+        "{}",
+        a.daemon.log()
+    );
+    assert_eq!(a.subnet(), subnet);
+    assert_eq!(a.mac(), mac);
+    assert!(wait_for(|| a.sees(&b) && b.sees(&a), WAIT));
+
+    // Restart after the lease key was deleted: the subnet comes back from subnet.env.
+    a.daemon.terminate();
+    etcd.etcdctl(&["del", &key]);
+    assert!(wait_for(
+        || lacks_vxlan_peer(&b.node.ns, "twill.1", &subnet.to_string(), &mac),
+        WAIT
+    ));
+    a.restart(&etcd, &["--reconcile-interval=1"]);
+    assert!(
+        wait_for(|| etcd.get(&key).is_some(), WAIT),
+        "{}",
+        a.daemon.log()
+    );
+    assert_eq!(a.subnet(), subnet);
+    assert!(wait_for(|| b.sees(&a), WAIT), "{:?}", b.state());
+    assert!(wait_for(|| ping_from(&a.node.ns, &ga, &gb), WAIT));
+}
+
+#[test]
+fn racing_nodes_get_distinct_subnets_or_fail_cleanly() {
+    // Four nodes whose previous subnet.env all name 10.5.1.0/24, started together: they race
+    // for it, losers retry with another subnet.
+    let (ul, etcd) =
+        setup(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.4.0"}"#);
+    let nodes: Vec<(Node, NodeDirs)> = (0..4)
+        .map(|_| {
+            let dirs = NodeDirs::new();
+            let env = "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n";
+            std::fs::create_dir_all(dirs.subnet_file().parent().unwrap()).unwrap();
+            std::fs::write(dirs.subnet_file(), env).unwrap();
+            (ul.add_node(), dirs)
+        })
+        .collect();
+    let daemons: Vec<Twilld> = nodes
+        .iter()
+        .map(|(n, d)| Twilld::start(n.name(), d, &etcd.endpoint(), &["--iface=eth0"]))
+        .collect();
+    let members: Vec<Member> = nodes
+        .into_iter()
+        .zip(daemons)
+        .map(|((node, dirs), daemon)| Member { node, dirs, daemon })
+        .collect();
+    for m in &members {
+        wait_ready(m);
+    }
+    let mut subnets: Vec<String> = members.iter().map(|m| m.subnet().to_string()).collect();
+    subnets.sort();
+    assert_eq!(
+        subnets,
+        ["10.5.1.0/24", "10.5.2.0/24", "10.5.3.0/24", "10.5.4.0/24"]
+    );
+    assert_eq!(etcd.get_prefix(&format!("{PREFIX}/subnets/")).len(), 4);
+
+    // A fifth node finds the pool exhausted: a clear error and a non-zero exit.
+    let n5 = ul.add_node();
+    let d5 = NodeDirs::new();
+    let mut t5 = Twilld::start(n5.name(), &d5, &etcd.endpoint(), &["--iface=eth0"]);
+    let status = t5.wait_exit(WAIT).expect("the fifth daemon must exit");
+    assert!(!status.success());
+    assert!(t5.log().contains("out of subnets"), "{}", t5.log());
+    assert!(!d5.conflist().exists(), "no CNI config without a subnet");
+}
+
+#[test]
+fn vtep_deletion_heals_and_reconcile_removes_drift() {
+    let (ul, etcd) = setup(CONFIG);
+    let a = start(
+        &ul,
+        &etcd,
+        &["--healthz-ip=127.0.0.1", "--healthz-port=18082"],
+    );
+    let b = start(&ul, &etcd, &[]);
+    wait_ready(&a);
+    wait_ready(&b);
+    assert!(wait_for(|| a.sees(&b) && b.sees(&a), WAIT));
+    let ga = add_pod_bridge(&a.node.ns, a.subnet()).to_string();
+    let gb = add_pod_bridge(&b.node.ns, b.subnet()).to_string();
+    let mac = a.mac();
+
+    // `ip link del twill.1`: recreated with the same MAC and every peer re-programmed.
+    a.node.ns.exec(&["ip", "link", "del", "twill.1"]);
+    assert!(
+        wait_for(|| a.node.ns.has_link("twill.1") && a.sees(&b), WAIT),
+        "{:?}\n{}",
+        a.state(),
+        a.daemon.log()
+    );
+    assert_eq!(a.mac(), mac);
+    let addr = a
+        .node
+        .ns
+        .exec(&["ip", "-4", "addr", "show", "dev", "twill.1"]);
+    assert!(
+        addr.contains(&format!("{}/32", a.subnet().network())),
+        "{addr}"
+    );
+    assert!(
+        wait_for(|| ping_from(&a.node.ns, &ga, &gb), WAIT),
+        "no traffic after the VTEP was recreated"
+    );
+
+    // Stale entries no lease explains are removed; a deleted peer route comes back.
+    let ns = &a.node.ns;
+    ns.exec(&[
+        "ip",
+        "neigh",
+        "add",
+        "10.5.250.0",
+        "lladdr",
+        "02:00:00:00:00:fa",
+        "dev",
+        "twill.1",
+        "nud",
+        "permanent",
+    ]);
+    ns.exec(&[
+        "bridge",
+        "fdb",
+        "add",
+        "02:00:00:00:00:fa",
+        "dev",
+        "twill.1",
+        "dst",
+        "192.168.100.250",
+        "self",
+        "permanent",
+    ]);
+    ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        "10.5.250.0/24",
+        "via",
+        "10.5.250.0",
+        "dev",
+        "twill.1",
+        "onlink",
+    ]);
+    ns.exec(&["ip", "route", "del", &b.subnet().to_string()]);
+    assert!(
+        wait_for(
+            || lacks_vxlan_peer(ns, "twill.1", "10.5.250.0/24", "02:00:00:00:00:fa") && a.sees(&b),
+            WAIT
+        ),
+        "{:?}",
+        a.state()
+    );
+    let metrics = String::from_utf8_lossy(
+        &ns.output(&["curl", "-s", "http://127.0.0.1:18082/metrics"])
+            .stdout,
+    )
+    .into_owned();
+    let corrections: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("twill_reconcile_corrections_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("corrections metric");
+    assert!(corrections >= 4, "{metrics}");
+}
+
+#[test]
+fn expired_lease_removes_peer_and_renewal_keeps_ours() {
+    let (ul, etcd) = setup(CONFIG);
+    let a = start(&ul, &etcd, &["--lease-ttl=6"]);
+    let mut b = start(&ul, &etcd, &["--lease-ttl=6"]);
+    wait_ready(&a);
+    wait_ready(&b);
+    assert!(wait_for(|| a.sees(&b), WAIT));
+    let (bsub, bmac, bkey) = (b.subnet().to_string(), b.mac(), b.key());
+    // b dies without a word (SIGKILL): its lease expires and a drops the peer.
+    b.daemon.kill();
+    assert!(
+        wait_for(|| etcd.get(&bkey).is_none(), WAIT),
+        "b's lease never expired"
+    );
+    assert!(
+        wait_for(
+            || lacks_vxlan_peer(&a.node.ns, "twill.1", &bsub, &bmac),
+            WAIT
+        ),
+        "{:?}",
+        a.state()
+    );
+    // a kept renewing its own short lease all along.
+    assert!(
+        etcd.get(&a.key()).is_some(),
+        "a's lease must be renewed: {}",
+        a.daemon.log()
+    );
+}
+
+#[test]
+fn etcd_outage_keeps_data_path_and_recovers() {
+    let (ul, mut etcd) = setup(CONFIG);
+    let a = start(
+        &ul,
+        &etcd,
+        &["--healthz-ip=127.0.0.1", "--healthz-port=18083"],
+    );
+    let b = start(&ul, &etcd, &[]);
+    wait_ready(&a);
+    wait_ready(&b);
+    assert!(wait_for(|| a.sees(&b) && b.sees(&a), WAIT));
+    let ga = add_pod_bridge(&a.node.ns, a.subnet()).to_string();
+    let gb = add_pod_bridge(&b.node.ns, b.subnet()).to_string();
+
+    etcd.stop();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        ping_from(&a.node.ns, &ga, &gb),
+        "data path must stay while etcd is away"
+    );
+    assert!(a.sees(&b) && b.sees(&a));
+    assert!(a.dirs.conflist().exists());
+
+    etcd.start();
+    // A lease added after the outage reaches a (its watch came back).
+    let key = format!("{PREFIX}/subnets/10.5.222.0-24");
+    etcd.etcdctl(&[
+        "put",
+        &key,
+        r#"{"PublicIP":"192.168.100.222","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:de"}}"#,
+    ]);
+    assert!(
+        wait_for(
+            || has_vxlan_peer(
+                &a.node.ns,
+                "twill.1",
+                "10.5.222.0/24",
+                "02:00:00:00:00:de",
+                "192.168.100.222"
+            ),
+            WAIT
+        ),
+        "{:?}\n{}",
+        a.state(),
+        a.daemon.log()
+    );
+    let metrics = String::from_utf8_lossy(
+        &a.node
+            .ns
+            .output(&["curl", "-s", "http://127.0.0.1:18083/metrics"])
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        !metrics.contains("twill_etcd_reconnects_total 0"),
+        "{metrics}"
+    );
+    assert!(ping_from(&a.node.ns, &ga, &gb));
+}
+
+#[test]
+fn compaction_and_missed_events_are_recovered_by_relisting() {
+    let (ul, etcd) = setup(CONFIG);
+    let a = start(&ul, &etcd, &[]);
+    let mut c = start(&ul, &etcd, &[]);
+    wait_ready(&a);
+    wait_ready(&c);
+    assert!(wait_for(|| a.sees(&c), WAIT));
+    let (csub, cmac, ckey) = (c.subnet().to_string(), c.mac(), c.key());
+    c.daemon.terminate();
+
+    // Cut a off etcd (its watch breaks), change leases behind its back and compact the history.
+    a.node.ns.exec(&["nft", "add table ip cut"]);
+    a.node.ns.exec(&[
+        "nft",
+        "add chain ip cut out { type filter hook output priority 0; }",
+    ]);
+    a.node.ns.exec(&[
+        "nft",
+        "add rule ip cut out ip daddr 192.168.100.254 tcp dport 2379 reject with tcp reset",
+    ]);
+    std::thread::sleep(Duration::from_secs(1));
+    etcd.etcdctl(&["del", &ckey]);
+    let key = format!("{PREFIX}/subnets/10.5.223.0-24");
+    etcd.etcdctl(&[
+        "put",
+        &key,
+        r#"{"PublicIP":"192.168.100.223","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:df"}}"#,
+    ]);
+    for i in 0..20 {
+        etcd.etcdctl(&["put", "/unrelated", &i.to_string()]);
+    }
+    etcd.compact();
+    a.node.ns.exec(&["nft", "delete table ip cut"]);
+
+    // a re-lists: the removal it missed is applied, the new lease programmed.
+    assert!(
+        wait_for(
+            || lacks_vxlan_peer(&a.node.ns, "twill.1", &csub, &cmac)
+                && has_vxlan_peer(
+                    &a.node.ns,
+                    "twill.1",
+                    "10.5.223.0/24",
+                    "02:00:00:00:00:df",
+                    "192.168.100.223"
+                ),
+            WAIT
+        ),
+        "{:?}\n{}",
+        a.state(),
+        a.daemon.log()
+    );
+    // And it keeps following the watch afterwards, without a hot loop.
+    etcd.etcdctl(&["del", &key]);
+    assert!(wait_for(
+        || lacks_vxlan_peer(&a.node.ns, "twill.1", "10.5.223.0/24", "02:00:00:00:00:df"),
+        WAIT
+    ));
+    std::thread::sleep(Duration::from_secs(2));
+    let lines = a.daemon.log().lines().count();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        a.daemon.log().lines().count() <= lines + 2,
+        "log keeps growing:\n{}",
+        a.daemon.log()
+    );
+}
