@@ -183,6 +183,39 @@ pub async fn del_link_by_name(h: &Handle, name: &str) -> Result<bool, CniError> 
     }
 }
 
+/// Prefix of container links that DEL has detached and left for the reaper to delete.
+pub const PARKED_PREFIX: &str = "twdel";
+
+/// Takes the container link out of service at once: down and renamed to `twdel<hex>`, so the
+/// pod has no `ifname` any more and a new ADD may reuse the name. Returns the new name, or
+/// `None` when there is no such link. Deleting a veth waits for an RCU barrier (~15-20 ms),
+/// which the caller leaves to a detached reaper.
+pub async fn park_link(h: &Handle, ifname: &str) -> Result<Option<String>, CniError> {
+    let Some(l) = link_by_name(h, ifname).await? else {
+        return Ok(None);
+    };
+    for _ in 0..5 {
+        let r = random_mac();
+        let name = format!(
+            "{PARKED_PREFIX}{:02x}{:02x}{:02x}{:02x}",
+            r[1], r[2], r[3], r[4]
+        );
+        let msg = LinkUnspec::new_with_index(l.header.index)
+            .down()
+            .name(name.clone())
+            .build();
+        match h.link().set(msg).execute().await {
+            Ok(()) => return Ok(Some(name)),
+            Err(e) if is_exists(&e) => continue,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(nl_err(format!("failed to detach {ifname:?}"))(e)),
+        }
+    }
+    Err(CniError::internal(
+        "failed to find a free name to detach the container link",
+    ))
+}
+
 /// Adds `addr` (address with prefix) to a link; EEXIST is fine. `nodad` skips IPv6 DAD.
 pub async fn add_addr(
     h: &Handle,

@@ -267,6 +267,54 @@ async fn add_links(
     })
 }
 
+/// Env of the detached reaper process: the netns path and the parked link to delete.
+const REAP_NETNS: &str = "TWILL_BRIDGE_REAP_NETNS";
+const REAP_LINK: &str = "TWILL_BRIDGE_REAP_LINK";
+
+/// Deletes a parked container link in a detached copy of this binary, so DEL does not wait
+/// for the kernel's veth teardown. The copy gets no stdio (the runtime reads our stdout to
+/// EOF). If it cannot be started the link is deleted here, synchronously.
+fn reap_later(netns_path: &std::path::Path, name: &str) -> Result<(), CniError> {
+    let spawned = std::env::current_exe().and_then(|exe| {
+        std::process::Command::new(exe)
+            .env_remove("CNI_COMMAND")
+            .env(REAP_NETNS, netns_path)
+            .env(REAP_LINK, name)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+    });
+    if spawned.is_ok() {
+        return Ok(());
+    }
+    reap(netns_path, name)
+}
+
+fn reap(netns_path: &std::path::Path, name: &str) -> Result<(), CniError> {
+    if !name.starts_with(link::PARKED_PREFIX) {
+        return Err(CniError::invalid_env(format!("refusing to reap {name:?}")));
+    }
+    let Ok(ns) = netns::open(netns_path) else {
+        return Ok(());
+    };
+    let name = name.to_string();
+    run(Some(ns), move |s| async move {
+        let ch = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
+        link::del_link_by_name(&ch, &name).await.map(|_| ())
+    })
+}
+
+/// The reaper mode of the twill-bridge binary; `Some(exit code)` when this process is one.
+pub fn reaper_main() -> Option<i32> {
+    let ns = std::env::var_os(REAP_NETNS)?;
+    let link = std::env::var(REAP_LINK).ok()?;
+    Some(match reap(std::path::Path::new(&ns), &link) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    })
+}
+
 pub struct Bridge;
 
 impl Bridge {
@@ -364,10 +412,13 @@ impl Plugin for Bridge {
             match netns::open(p) {
                 Ok(ns) => {
                     let ifname = req.env.ifname.clone();
-                    run(Some(ns), move |s| async move {
+                    let parked = run(Some(ns), move |s| async move {
                         let ch = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
-                        link::del_link_by_name(&ch, &ifname).await.map(|_| ())
+                        link::park_link(&ch, &ifname).await
                     })?;
+                    if let Some(name) = parked {
+                        reap_later(p, &name)?;
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
