@@ -168,9 +168,11 @@ fn cluster_lifecycle_pods_join_restart_leave() {
     let gone = lab.pod("node1", "pod3").unwrap();
     let gone_ip = gone.ip.unwrap().to_string();
     let node1_ns = lab.node("node1").unwrap().ns.clone();
+    // Pod veths on the node: every veth but the underlay's eth0.
     let veths = |ns: &str| {
         in_ns(ns, &["ip", "-o", "link", "show", "type", "veth"])
             .lines()
+            .filter(|l| !l.contains(" eth0@"))
             .count()
     };
     assert_eq!(veths(&node1_ns), 3);
@@ -215,7 +217,15 @@ fn cluster_lifecycle_pods_join_restart_leave() {
 
     // Restarting every daemon keeps every subnet and existing pod traffic.
     let subnets: Vec<_> = lab.nodes().iter().map(|n| lab.subnet(&n.name)).collect();
+    let pids: Vec<_> = lab
+        .nodes()
+        .iter()
+        .map(|n| lab.daemon_pid(&n.name))
+        .collect();
     lab.restart_daemons(60).expect("restart all twilld");
+    for (n, old) in lab.nodes().iter().zip(&pids) {
+        assert_ne!(&lab.daemon_pid(&n.name), old, "{} not restarted", n.name);
+    }
     let after: Vec<_> = lab.nodes().iter().map(|n| lab.subnet(&n.name)).collect();
     assert_eq!(subnets, after, "subnets changed across a restart");
     assert_all_reachable(lab);
@@ -223,6 +233,14 @@ fn cluster_lifecycle_pods_join_restart_leave() {
     // node2 leaves (daemon stopped, lease deleted): it vanishes from the others' tables.
     let leaving = lab.node("node2").unwrap().clone();
     let leaving_subnet = lab.subnet("node2").unwrap();
+    for n in lab.nodes().iter().filter(|n| n.name != "node2") {
+        assert_eq!(
+            has_peer_state(&n.ns, &leaving_subnet, leaving.ip),
+            ["route", "neigh", "fdb"],
+            "{} should know node2 before it leaves",
+            n.name
+        );
+    }
     lab.remove_node("node2").expect("node2 leaves");
     let leases = lab.lease_keys().unwrap();
     assert_eq!(leases.len(), 3, "{leases:?}");

@@ -234,8 +234,7 @@ impl Lab {
         )?;
         run_in(&ul, &["ip", "link", "set", UNDERLAY_BRIDGE, "up"])?;
         lab.start_etcd()?;
-        let config =
-            json!({"Network": lab.st.opts.network, "Backend": {"Type": "vxlan"}});
+        let config = json!({"Network": lab.st.opts.network, "Backend": {"Type": "vxlan"}});
         lab.etcdctl(&["put", &format!("{ETCD_PREFIX}/config"), &config.to_string()])?;
         Ok(lab)
     }
@@ -868,21 +867,52 @@ pub fn up(
             t0.elapsed().as_secs_f64()
         ),
     );
-    let mut names = Vec::new();
+    let mut started = Vec::new();
     for _ in 0..nodes {
-        names.push(lab.add_node()?);
+        started.push((lab.add_node()?, Instant::now()));
     }
     say(
         out,
-        format!("\nstarted {} twilld:\n{}", names.len(), lab.nodes_table()),
+        format!("\nstarted {} twilld:\n{}", started.len(), lab.nodes_table()),
     );
-    for n in &names {
-        let took = lab.wait_ready(n, 60)?;
-        say(
-            out,
-            format!("{n}: NotReady -> Ready after {:.2} s", took.as_secs_f64()),
-        );
+    // Report each node's NotReady -> Ready transition, timed from its twilld's start.
+    let mut pending = started.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for (n, t) in pending {
+            match lab.node_state(&n) {
+                NodeState::Ready => say(
+                    out,
+                    format!(
+                        "{n}: NotReady -> Ready ({} written {:.2} s after twilld started)",
+                        lab.network(&n)
+                            .map(|l| l.file.display().to_string())
+                            .unwrap_or_default(),
+                        t.elapsed().as_secs_f64()
+                    ),
+                ),
+                NodeState::Stopped => {
+                    return Err(Error::Lab(format!(
+                        "twilld of {n} exited; see {}",
+                        lab.daemon_log(&n).display()
+                    )))
+                }
+                NodeState::NotReady => still.push((n, t)),
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            if Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: format!("{} to become Ready", pending[0].0),
+                    secs: 60,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
+    let names: Vec<String> = started.into_iter().map(|(n, _)| n).collect();
     say(out, format!("\n{}", lab.nodes_table()));
     for n in &names {
         for _ in 0..pods {
