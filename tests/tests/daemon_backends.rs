@@ -1,0 +1,272 @@
+//! twilld's backend variants and node-side duties: host-gw, vxlan DirectRouting, MTU,
+//! `--ip-masq` rules, waiting for the network config, and withholding the CNI config while a
+//! plugin is missing.
+
+use std::time::Duration;
+
+use twill_tests::etcd::Etcd;
+use twill_tests::underlay::{
+    add_pod_bridge, ping_from, vtep_state, wait_for, Node, NodeDirs, Twilld, Underlay,
+};
+
+const PREFIX: &str = "/coreos.com/network";
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Member {
+    node: Node,
+    dirs: NodeDirs,
+    daemon: Twilld,
+}
+
+impl Member {
+    fn subnet(&self) -> ipnetwork::Ipv4Network {
+        self.dirs.subnet().expect("subnet.env")
+    }
+    fn env(&self) -> String {
+        std::fs::read_to_string(self.dirs.subnet_file()).unwrap_or_default()
+    }
+}
+
+fn setup(ul: &Underlay, config: Option<&str>) -> Etcd {
+    let etcd = Etcd::start_in(ul.ns_name(), &ul.etcd_ip().to_string());
+    if let Some(c) = config {
+        etcd.etcdctl(&["put", &format!("{PREFIX}/config"), c]);
+    }
+    etcd
+}
+
+fn start_with(ul: &Underlay, etcd: &Etcd, dirs: NodeDirs, extra: &[&str]) -> Member {
+    let node = ul.add_node();
+    let mut args = vec!["--iface=eth0", "--reconcile-interval=1"];
+    args.extend_from_slice(extra);
+    let daemon = Twilld::start(node.name(), &dirs, &etcd.endpoint(), &args);
+    Member { node, dirs, daemon }
+}
+
+fn start(ul: &Underlay, etcd: &Etcd, extra: &[&str]) -> Member {
+    start_with(ul, etcd, NodeDirs::new(), extra)
+}
+
+fn wait_ready(m: &Member) {
+    assert!(
+        wait_for(
+            || m.dirs.conflist().exists() && m.dirs.subnet().is_some(),
+            WAIT
+        ),
+        "{} never got ready; log:\n{}",
+        m.node.name(),
+        m.daemon.log()
+    );
+}
+
+fn routes(m: &Member) -> String {
+    m.node.ns.exec(&["ip", "-4", "route", "show"])
+}
+
+fn route_via(m: &Member, peer: &Member) -> bool {
+    let want = format!("{} via {} dev eth0 proto 116", peer.subnet(), peer.node.ip);
+    routes(m).lines().any(|l| l.starts_with(&want))
+}
+
+#[test]
+fn host_gw_routes_via_peer_ip_and_restores_deleted_routes() {
+    let ul = Underlay::new();
+    let etcd = setup(
+        &ul,
+        Some(r#"{"Network":"10.6.0.0/16","Backend":{"Type":"host-gw"}}"#),
+    );
+    let a = start(&ul, &etcd, &[]);
+    let b = start(&ul, &etcd, &[]);
+    wait_ready(&a);
+    wait_ready(&b);
+    assert!(
+        wait_for(|| route_via(&a, &b) && route_via(&b, &a), WAIT),
+        "{}",
+        routes(&a)
+    );
+    assert!(!a.node.ns.has_link("twill.1"), "host-gw has no VTEP");
+    assert!(a.env().contains("FLANNEL_MTU=1500\n"), "{}", a.env());
+    let lease = etcd
+        .get(&format!("{PREFIX}/subnets/{}-24", a.subnet().network()))
+        .unwrap();
+    assert_eq!(
+        lease,
+        format!(
+            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"host-gw"}}"#,
+            a.node.ip
+        )
+    );
+    let ga = add_pod_bridge(&a.node.ns, a.subnet()).to_string();
+    let gb = add_pod_bridge(&b.node.ns, b.subnet()).to_string();
+    assert!(ping_from(&a.node.ns, &ga, &gb));
+    // A deleted route comes back with the next reconcile pass.
+    a.node
+        .ns
+        .exec(&["ip", "route", "del", &b.subnet().to_string()]);
+    assert!(wait_for(|| route_via(&a, &b), WAIT), "{}", routes(&a));
+    assert!(ping_from(&a.node.ns, &ga, &gb));
+}
+
+#[test]
+fn direct_routing_uses_plain_routes_on_shared_l2() {
+    let ul = Underlay::new();
+    let etcd = setup(
+        &ul,
+        Some(r#"{"network":"10.7.0.0/16","backend":{"type":"vxlan","directrouting":true}}"#),
+    );
+    let a = start(&ul, &etcd, &[]);
+    let b = start(&ul, &etcd, &[]);
+    wait_ready(&a);
+    wait_ready(&b);
+    assert!(
+        wait_for(|| route_via(&a, &b) && route_via(&b, &a), WAIT),
+        "{}",
+        routes(&a)
+    );
+    let (neigh, fdb, dev_routes) = vtep_state(&a.node.ns, "twill.1");
+    assert!(
+        neigh.trim().is_empty() && fdb.trim().is_empty() && dev_routes.trim().is_empty(),
+        "no VXLAN entries for a same-L2 peer: {neigh:?} {fdb:?} {dev_routes:?}"
+    );
+    let ga = add_pod_bridge(&a.node.ns, a.subnet()).to_string();
+    let gb = add_pod_bridge(&b.node.ns, b.subnet()).to_string();
+    assert!(ping_from(&a.node.ns, &ga, &gb));
+}
+
+#[test]
+fn mtu_follows_underlay_or_config() {
+    let ul = Underlay::with_mtu(9000);
+    let etcd = setup(&ul, Some(r#"{"Network":"10.8.0.0/16"}"#));
+    let a = start(&ul, &etcd, &[]);
+    wait_ready(&a);
+    assert!(a.env().contains("FLANNEL_MTU=8950\n"), "{}", a.env());
+    let link = a.node.ns.exec(&["ip", "link", "show", "twill.1"]);
+    assert!(link.contains("mtu 8950"), "{link}");
+
+    let ul2 = Underlay::new();
+    let etcd2 = setup(
+        &ul2,
+        Some(
+            r#"{"Network":"10.8.0.0/16","Backend":{"Type":"vxlan","MTU":1400,"VNI":4,"Port":4789}}"#,
+        ),
+    );
+    let b = start(&ul2, &etcd2, &[]);
+    wait_ready(&b);
+    assert!(b.env().contains("FLANNEL_MTU=1350\n"), "{}", b.env());
+    let link = b.node.ns.exec(&["ip", "-d", "link", "show", "twill.4"]);
+    assert!(
+        link.contains("mtu 1350") && link.contains("vxlan id 4") && link.contains("dstport 4789"),
+        "{link}"
+    );
+}
+
+#[test]
+fn ip_masq_rules_masquerade_and_are_restored() {
+    let ul = Underlay::new();
+    let etcd = setup(&ul, Some(r#"{"Network":"10.9.0.0/16"}"#));
+    let a = start(&ul, &etcd, &["--ip-masq"]);
+    wait_ready(&a);
+    assert!(a.env().contains("FLANNEL_IPMASQ=true\n"), "{}", a.env());
+    let sn = a.subnet();
+    let table = a.node.ns.exec(&["nft", "list", "table", "ip", "twill"]);
+    for want in [
+        "type nat hook postrouting priority srcnat".to_string(),
+        format!("ip saddr {sn} ip daddr 10.9.0.0/16 return"),
+        "ip daddr != 224.0.0.0/4 masquerade fully-random".to_string(),
+        "type filter hook forward priority filter".to_string(),
+        "ip saddr 10.9.0.0/16 accept".to_string(),
+    ] {
+        assert!(table.contains(&want), "{want:?} missing in\n{table}");
+    }
+    assert_eq!(
+        a.node
+            .ns
+            .exec(&["sysctl", "-n", "net.ipv4.ip_forward"])
+            .trim(),
+        "1"
+    );
+    // A pod address reaches a host outside the pod network only thanks to the masquerade:
+    // the underlay has no route back to 10.9.0.0/16.
+    let pod = add_pod_bridge(&a.node.ns, sn).to_string();
+    assert!(
+        ping_from(&a.node.ns, &pod, &ul.etcd_ip().to_string()),
+        "masqueraded ping failed"
+    );
+    // Removed rules are put back.
+    a.node.ns.exec(&["nft", "delete", "table", "ip", "twill"]);
+    assert!(
+        !ping_from(&a.node.ns, &pod, &ul.etcd_ip().to_string()),
+        "no masquerade, no reply"
+    );
+    assert!(
+        wait_for(
+            || a.node
+                .ns
+                .output(&["nft", "list", "table", "ip", "twill"])
+                .status
+                .success(),
+            WAIT
+        ),
+        "{}",
+        a.daemon.log()
+    );
+    assert!(wait_for(
+        || ping_from(&a.node.ns, &pod, &ul.etcd_ip().to_string()),
+        WAIT
+    ));
+}
+
+#[test]
+fn waits_for_config_and_withholds_cni_config_until_plugins_exist() {
+    let ul = Underlay::new();
+    let etcd = setup(&ul, None);
+    let dirs = NodeDirs::new();
+    std::fs::remove_file(dirs.cni_bin_dir().join("twill-bridge")).unwrap();
+    // portmap is chained when present.
+    std::os::unix::fs::symlink("/usr/lib/cni/portmap", dirs.cni_bin_dir().join("portmap")).unwrap();
+    let a = start_with(&ul, &etcd, dirs, &[]);
+    assert!(
+        wait_for(|| a.daemon.log().contains("network config not found"), WAIT),
+        "{}",
+        a.daemon.log()
+    );
+    etcd.etcdctl(&[
+        "put",
+        &format!("{PREFIX}/config"),
+        r#"{"Network":"10.10.0.0/29"}"#,
+    ]);
+    assert!(
+        wait_for(|| a.daemon.log().contains("too small"), WAIT),
+        "{}",
+        a.daemon.log()
+    );
+    assert!(!a.dirs.subnet_file().exists());
+    etcd.etcdctl(&[
+        "put",
+        &format!("{PREFIX}/config"),
+        r#"{"Network":"10.10.0.0/16"}"#,
+    ]);
+    assert!(
+        wait_for(|| a.dirs.subnet().is_some(), WAIT),
+        "{}",
+        a.daemon.log()
+    );
+    assert!(
+        wait_for(
+            || a.daemon.log().contains("NOT writing the CNI config"),
+            WAIT
+        ),
+        "{}",
+        a.daemon.log()
+    );
+    assert!(
+        !a.dirs.conflist().exists(),
+        "no conflist while twill-bridge is missing"
+    );
+    a.dirs.stand_in("twill-bridge");
+    wait_ready(&a);
+    let conf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.dirs.conflist()).unwrap()).unwrap();
+    assert_eq!(conf["plugins"][1]["type"], "portmap", "{conf}");
+    assert_eq!(conf["plugins"][1]["capabilities"]["portMappings"], true);
+}
