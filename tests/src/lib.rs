@@ -4,6 +4,7 @@
 //! on drop, so a failing test leaves nothing behind in the machine's root namespace.
 
 pub mod bins;
+pub mod cni;
 pub mod etcd;
 pub mod lab;
 pub mod netns;
