@@ -36,7 +36,7 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>> {
 
 /// Connection options from the flags: TLS when certfile+keyfile are given (or an endpoint is
 /// https), the CA from cafile; basic auth from username/password.
-fn connect_options(args: &EtcdArgs) -> Result<(Vec<String>, ConnectOptions)> {
+pub(crate) fn connect_options(args: &EtcdArgs) -> Result<(Vec<String>, ConnectOptions)> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))

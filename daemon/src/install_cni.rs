@@ -16,6 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use clap::Args;
 
+use crate::error::{Error, Result};
+
 /// twill's own plugins: always installed, replaced when the image carries another version.
 pub const PLUGINS: [&str; 4] = [
     "twill",
@@ -43,24 +45,8 @@ pub struct InstallCniArgs {
     pub dest_dir: PathBuf,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum InstallError {
-    #[error("plugin {0} is missing from the source dir {1} (broken image?)")]
-    MissingPlugin(String, PathBuf),
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
-}
-
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> InstallError + 'a {
-    move |source| InstallError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+fn io_err(op: &str, path: &Path) -> impl FnOnce(io::Error) -> Error {
+    Error::io(format!("{op} {}", path.display()))
 }
 
 /// What happened to one plugin.
@@ -78,13 +64,13 @@ pub enum Outcome {
 
 /// Installs every plugin and logs what it did. Fails on the first error, leaving
 /// already-installed plugins in place (each one is complete on its own).
-pub fn run(args: &InstallCniArgs) -> Result<(), InstallError> {
+pub fn run(args: &InstallCniArgs) -> Result<()> {
     for name in PLUGINS {
         if !args.src_dir.join(name).is_file() {
-            return Err(InstallError::MissingPlugin(
-                name.to_string(),
-                args.src_dir.clone(),
-            ));
+            return Err(Error::CniPlugins {
+                dir: args.src_dir.clone(),
+                reason: format!("plugin {name} is missing from the image"),
+            });
         }
     }
     if !args.dest_dir.is_dir() {
@@ -114,7 +100,7 @@ pub fn run(args: &InstallCniArgs) -> Result<(), InstallError> {
 }
 
 /// Installs `src` as `dest_dir/name` unless an identical file is already there.
-pub fn install_one(src: &Path, dest_dir: &Path, name: &str) -> Result<Outcome, InstallError> {
+pub fn install_one(src: &Path, dest_dir: &Path, name: &str) -> Result<Outcome> {
     let dest = dest_dir.join(name);
     if same_contents(src, &dest).map_err(io_err("compare", &dest))? {
         let mode = fs::metadata(&dest)
@@ -137,12 +123,7 @@ pub fn install_one(src: &Path, dest_dir: &Path, name: &str) -> Result<Outcome, I
     result.map(|()| Outcome::Installed)
 }
 
-fn write_temp_and_rename(
-    src: &Path,
-    tmp: &Path,
-    dest: &Path,
-    dir: &Path,
-) -> Result<(), InstallError> {
+fn write_temp_and_rename(src: &Path, tmp: &Path, dest: &Path, dir: &Path) -> Result<()> {
     let mut input = File::open(src).map_err(io_err("open", src))?;
     // O_EXCL: never write through a file someone else created (or a symlink planted) there.
     let mut out = OpenOptions::new()
@@ -305,7 +286,9 @@ mod tests {
             dest_dir: dest.path().into(),
         })
         .unwrap_err();
-        assert!(matches!(err, InstallError::MissingPlugin(ref n, _) if n == "twill-bridge"));
+        assert!(
+            matches!(err, Error::CniPlugins { ref reason, .. } if reason.contains("twill-bridge"))
+        );
         assert_eq!(fs::read_dir(dest.path()).unwrap().count(), 0);
     }
 }

@@ -122,6 +122,20 @@ fn a_config_flannel_wrote_counts_as_equal() {
         "flannel's config was rewritten"
     );
     assert_eq!(mod_revision(&etcd, KEY), rev);
+
+    // flannel's defaults spelled out are the same network too.
+    let explicit = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"SubnetMin":"10.244.1.0","Backend":{"Type":"vxlan","VNI":1,"Port":8472}}"#;
+    etcd.etcdctl(&["put", KEY, explicit]);
+    let rev = mod_revision(&etcd, KEY);
+    let out = init_network(&ep, &["--network", "10.244.0.0/16"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(mod_revision(&etcd, KEY), rev);
+    // ... but another VNI is not.
+    let vni2 = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":2}}"#;
+    etcd.etcdctl(&["put", KEY, vni2]);
+    let out = init_network(&ep, &["--network", "10.244.0.0/16"], &[]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(etcd.get(KEY).as_deref(), Some(vni2));
 }
 
 #[test]
@@ -183,6 +197,7 @@ fn invalid_configs_write_nothing() {
         vec!["--network", "10.244.0.0/16", "--subnet-len", "17"],
         vec!["--network", "10.244.0.0/16", "--subnet-len", "31"],
         vec!["--network", "not-a-cidr"],
+        vec!["--network", "10.244.1.0/16"],
         vec!["--network", "10.244.0.0/16", "--backend", "udp"],
         vec!["--config-file", bad_json.to_str().unwrap()],
         vec!["--config-file", udp.to_str().unwrap()],
