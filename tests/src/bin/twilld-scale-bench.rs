@@ -2,8 +2,9 @@
 //! measures
 //!   1. the time from starting twilld to all N peers programmed (neighbour + FDB + route),
 //!   2. the time from one new lease written to its route on the running node (repeated),
-//!   3. twilld's peak RSS (VmHWM),
-//! and prints them against the targets (3 s, 100 ms, 20 MB).
+//!   3. twilld's peak RSS (VmHWM).
+//!
+//! It prints them against the targets (3 s, 100 ms, 20 MB).
 //!
 //! Run as root after `cargo build --release --workspace --bins`:
 //! `target/release/twilld-scale-bench [--leases 5000] [--samples 20]`.
