@@ -268,9 +268,20 @@ fn keeps_the_nodes_reference_plugins_and_skips_identical_files() {
         .collect();
     assert_eq!(inodes, again, "identical plugins were rewritten");
 
-    // A node without portmap gets the image's copy.
+    // A node without portmap gets the image's copy (dirs given as the manifest does, by env).
     fs::remove_file(dest.path().join("portmap")).unwrap();
-    install_ok(src.path(), dest.path());
+    let out = Command::new(bins::bin("twilld"))
+        .arg("install-cni")
+        .env("TWILLD_SRC_DIR", src.path())
+        .env("TWILLD_DEST_DIR", dest.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new(dest.path().join("portmap")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "image-portmap\n");
 }
