@@ -97,10 +97,13 @@ fn run(cli: &Cli) -> lab::Result<()> {
                     let _ = writeln!(out, "remove it with: twill-lab down{}", name_flag(cli));
                     Ok(())
                 }
-                Err(e) => Err(lab::Error::Lab(format!(
-                    "{e}\n(the partial lab stays for inspection; `twill-lab down{}` removes it)",
-                    name_flag(cli)
-                ))),
+                Err(e) if matches!(Lab::open(&cli.root, &cli.name), Ok(Some(_))) => {
+                    Err(lab::Error::Lab(format!(
+                        "{e}\n(the partial lab stays for inspection; `twill-lab down{}` removes it)",
+                        name_flag(cli)
+                    )))
+                }
+                Err(e) => Err(e),
             }
         }
         Command::Status { no_probe } => {

@@ -146,10 +146,20 @@ fn netns_exists(ns: &str) -> bool {
     Path::new("/run/netns").join(ns).exists()
 }
 
-fn add_netns(ns: &str) -> Result<()> {
-    if !netns_exists(ns) {
-        run(&["ip", "netns", "add", ns])?;
+/// Fails if a namespace of that name exists: the lab never adopts (and later deletes)
+/// a namespace it did not create.
+fn check_free(ns: &str) -> Result<()> {
+    if netns_exists(ns) {
+        return Err(Error::Lab(format!(
+            "network namespace {ns} already exists and is not part of this lab's state; \
+             remove it or pick another --name"
+        )));
     }
+    Ok(())
+}
+
+fn add_netns(ns: &str) -> Result<()> {
+    run(&["ip", "netns", "add", ns])?;
     run_in(ns, &["ip", "link", "set", "lo", "up"])?;
     Ok(())
 }
@@ -201,6 +211,7 @@ impl Lab {
                 )));
             }
         }
+        check_free(&format!("{}-ul", opts.name))?;
         ensure_dir(&opts.root, 0o700).map_err(io(&opts.root))?;
         ensure_dir(&opts.state_dir(), 0o700).map_err(io(opts.state_dir()))?;
         let mut lab = Lab {
@@ -384,6 +395,7 @@ impl Lab {
         let name = format!("node{index}");
         let ns = format!("{}-{}", self.name(), name);
         let ip = Ipv4Addr::new(192, 168, 100, index);
+        check_free(&ns)?;
         self.st.next_index += 1;
         self.st.nodes.push(NodeRec {
             name: name.clone(),
@@ -604,6 +616,7 @@ impl Lab {
             ns: ns.clone(),
             ip: None,
         };
+        check_free(&ns)?;
         self.st.pods.push(pod.clone());
         self.save()?;
         let outcome = (|| {
@@ -714,6 +727,7 @@ impl Lab {
     /// Creates a namespace plugged into the underlay at 192.168.100.`host` (for benches).
     pub fn add_underlay_ns(&mut self, suffix: &str, host: u8) -> Result<String> {
         let ns = format!("{}-{}", self.name(), suffix);
+        check_free(&ns)?;
         self.st.extra_ns.push(ns.clone());
         self.save()?;
         add_netns(&ns)?;
