@@ -18,13 +18,19 @@ WORKDIR /src
 COPY . .
 # Cache mounts keep the registry and target dir between builds; the binaries are copied out
 # in the same step because cache mounts are not part of the image.
+# The plugins run on the node, not in this image, so they are linked statically (crt-static):
+# a node with an older glibc than bookworm's still runs them. twilld runs in the image and
+# stays dynamic. --target keeps RUSTFLAGS away from build scripts and proc-macros.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p twilld -p twill-plugins --bins \
+    cargo build --release --locked -p twilld --bins \
+ && host="$(rustc -vV | sed -n 's/^host: //p')" \
+ && RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --locked --target "$host" -p twill-plugins --bins \
  && mkdir -p /out/bin /out/cni \
  && cp target/release/twilld /out/bin/ \
  && for p in twill twill-bridge twill-host-local twill-loopback; do \
-      cp "target/release/$p" /out/cni/; \
+      cp "target/$host/release/$p" /out/cni/; \
     done \
  && cp /usr/lib/cni/portmap /out/cni/portmap
 
