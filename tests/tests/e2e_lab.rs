@@ -303,3 +303,105 @@ fn etcd_outage_keeps_pod_traffic() {
     lab.add_pod("node1").expect("pod after the outage");
     assert_all_reachable(lab);
 }
+
+fn root_ns_view() -> (String, String) {
+    let names = |out: String| {
+        let mut v: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.split(':').nth(1).map(|s| s.trim().to_string()))
+            .collect();
+        v.sort();
+        v.join(" ")
+    };
+    (
+        names(twill_tests::sh::run(&["ip", "-o", "link", "show"])),
+        twill_tests::sh::run(&["ip", "-4", "route", "show"]),
+    )
+}
+
+#[test]
+fn cli_up_status_down_twice_touches_only_its_namespaces() {
+    let root = tempfile::Builder::new()
+        .prefix("twill-e2e-cli")
+        .tempdir()
+        .unwrap();
+    let name = format!("e2e{}c", std::process::id() % 100_000);
+    let lab_bin = twill_tests::bins::bin("twill-lab");
+    let target = twill_tests::bins::target_dir();
+    let common = [
+        "--name",
+        &name,
+        "--root",
+        root.path().to_str().unwrap(),
+        "--bin-dir",
+        target.to_str().unwrap(),
+    ];
+    let cli = |verb: &[&str]| {
+        let mut argv = vec![lab_bin.to_str().unwrap()];
+        argv.extend_from_slice(&common);
+        argv.extend_from_slice(verb);
+        let out = twill_tests::sh::output(&argv);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (
+            out.status.success(),
+            text,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let before = root_ns_view();
+
+    let (ok, up, err) = cli(&["up", "--nodes", "2", "--pods", "2"]);
+    let lab = Lab::open(root.path(), &name).unwrap();
+    if !ok {
+        if let Some(l) = lab {
+            dump_logs(&l);
+            let _ = l.down();
+        }
+        panic!("twill-lab up failed:\n{up}\n{err}");
+    }
+    let lab = lab.expect("state written");
+    assert!(up.contains("12/12 pairs ok"), "{up}");
+    assert!(up.contains("node2: NotReady -> Ready"), "{up}");
+    assert_eq!(lab.nodes().len(), 2);
+    assert_eq!(lab.pods().len(), 4);
+    assert_eq!(root_ns_view(), before, "the lab changed the root namespace");
+
+    let (ok, status, _) = cli(&["status"]);
+    assert!(
+        ok && status.contains(&lab.pods_table()) && status.contains("12/12 pairs ok"),
+        "{status}"
+    );
+
+    let daemons: Vec<_> = lab
+        .nodes()
+        .iter()
+        .filter_map(|n| n.daemon.clone())
+        .collect();
+    assert_eq!(daemons.len(), 2);
+    let namespaces: Vec<String> = lab
+        .nodes()
+        .iter()
+        .map(|n| n.ns.clone())
+        .chain(lab.pods().iter().map(|p| p.ns.clone()))
+        .chain([lab.underlay_ns().to_string()])
+        .collect();
+    let state_dir = lab.state_dir();
+
+    let (ok, down, _) = cli(&["down"]);
+    assert!(ok, "{down}");
+    for d in &daemons {
+        assert!(!d.alive(), "twilld {} still running after down", d.pid);
+    }
+    for ns in &namespaces {
+        assert!(
+            !Path::new("/run/netns").join(ns).exists(),
+            "{ns} left behind"
+        );
+    }
+    assert!(!state_dir.exists(), "state dir left behind");
+    let (ok, again, _) = cli(&["down"]);
+    assert!(ok && again.contains("nothing to remove"), "{again}");
+    let (ok, _, err) = cli(&["status"]);
+    assert!(!ok && err.contains("no lab"), "{err}");
+    assert_eq!(root_ns_view(), before);
+}

@@ -51,6 +51,9 @@ pub const PLUGINS: &[&str] = &[
     "twill-host-local",
     "twill-loopback",
 ];
+/// The loopback network containerd sets up in every pod before the pod network.
+pub const LOOPBACK_CONFLIST: &str =
+    r#"{"cniVersion":"0.3.1","name":"cni-loopback","plugins":[{"type":"twill-loopback"}]}"#;
 /// Debian's reference portmap, chained after twill.
 pub const PORTMAP: &str = "/usr/lib/cni/portmap";
 
@@ -567,6 +570,17 @@ impl Lab {
         }
     }
 
+    fn loopback() -> Result<NetworkList> {
+        NetworkList::parse(Path::new("<built-in loopback>"), LOOPBACK_CONFLIST)
+    }
+
+    fn lo_attachment(&self, pod: &PodRec) -> Attachment {
+        Attachment {
+            ifname: "lo".into(),
+            ..self.attachment(pod)
+        }
+    }
+
     fn attachment(&self, pod: &PodRec) -> Attachment {
         Attachment {
             container_id: pod.container_id.clone(),
@@ -620,9 +634,13 @@ impl Lab {
         self.st.pods.push(pod.clone());
         self.save()?;
         let outcome = (|| {
-            add_netns(&ns)?;
+            // lo stays down: bringing it up is the loopback plugin's job.
+            run(&["ip", "netns", "add", &ns])?;
             let list = self.network(node)?;
-            self.runtime(&rec).add(&list, &self.attachment(&pod))
+            let rt = self.runtime(&rec);
+            // As containerd: the loopback network first, then the pod network on eth0.
+            rt.add(&Lab::loopback()?, &self.lo_attachment(&pod))?;
+            rt.add(&list, &self.attachment(&pod))
         })();
         match outcome {
             Ok(result) => {
@@ -665,8 +683,9 @@ impl Lab {
         let p = self.pod(node, pod)?;
         let rec = self.node(node)?.clone();
         let list = self.network(node).ok();
-        self.runtime(&rec)
-            .del(list.as_ref(), &self.attachment(&p))?;
+        let rt = self.runtime(&rec);
+        rt.del(list.as_ref(), &self.attachment(&p))?;
+        rt.del(Some(&Lab::loopback()?), &self.lo_attachment(&p))?;
         del_netns(&p.ns)?;
         self.st.pods.retain(|x| x.ns != p.ns);
         self.save()
