@@ -294,3 +294,38 @@ fn gc_deletes_stale_attachments_only() {
     rt.del(Some(&list), &keep).expect("DEL keep");
     assert_eq!(node.veths(), 0);
 }
+
+#[test]
+fn failed_add_is_rolled_back_by_the_runtime_del() {
+    let node = Node::new(true);
+    // A /30: one address for pods once the gateway has .1.
+    fs::write(
+        node.root.join("subnet.env"),
+        "FLANNEL_NETWORK=10.250.0.0/16\nFLANNEL_SUBNET=10.250.3.1/30\nFLANNEL_MTU=1400\nFLANNEL_IPMASQ=true\n",
+    )
+    .unwrap();
+    let (p1, p2) = (Netns::new("p"), Netns::new("p"));
+    let (a1, a2) = (attachment(&p1), attachment(&p2));
+    let list = node.list();
+    let rt = node.runtime();
+    let ip1 = ip_of(&rt.add(&list, &a1).expect("first pod"));
+    assert_eq!(ip1, "10.250.3.2");
+    let err = rt.add(&list, &a2).expect_err("the subnet is full");
+    assert!(
+        matches!(err, Error::Plugin { ref plugin, .. } if plugin == "twill"),
+        "{err}"
+    );
+    // The runtime DELeted the failed attachment: nothing of it is left.
+    assert!(
+        !node.saved(&a2.container_id).exists(),
+        "saved config of the failed ADD removed by DEL"
+    );
+    assert!(!p2.has_link("eth0"));
+    assert_eq!(node.veths(), 1, "only the first pod's veth");
+    assert!(
+        node.reservation(&ip1).exists(),
+        "the first pod keeps its IP"
+    );
+    rt.del(Some(&list), &a1).expect("DEL");
+    assert_eq!(node.veths(), 0);
+}
