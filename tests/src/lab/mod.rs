@@ -920,7 +920,11 @@ pub fn up(
                     format!(
                         "{n}: NotReady -> Ready ({} written {:.2} s after twilld started)",
                         lab.network(&n)
-                            .map(|l| l.file.display().to_string())
+                            .ok()
+                            .and_then(|l| l
+                                .file
+                                .file_name()
+                                .map(|f| f.to_string_lossy().into_owned()))
                             .unwrap_or_default(),
                         t.elapsed().as_secs_f64()
                     ),
