@@ -149,6 +149,22 @@ fn netns_exists(ns: &str) -> bool {
     Path::new("/run/netns").join(ns).exists()
 }
 
+/// Lab names become namespace names and a path component.
+fn check_name(name: &str) -> Result<()> {
+    let valid = name.len() <= 40
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::Lab(format!(
+            "invalid lab name {name:?}: up to 40 of [A-Za-z0-9_.-], starting alphanumeric"
+        )))
+    }
+}
+
 /// Fails if a namespace of that name exists: the lab never adopts (and later deletes)
 /// a namespace it did not create.
 fn check_free(ns: &str) -> Result<()> {
@@ -186,6 +202,7 @@ impl Lab {
 
     /// Opens an existing lab; `Ok(None)` if there is none of that name.
     pub fn open(root: &Path, name: &str) -> Result<Option<Lab>> {
+        check_name(name)?;
         let p = root.join(name).join("lab.json");
         match std::fs::read(&p) {
             Ok(raw) => Ok(Some(Lab {
@@ -214,8 +231,12 @@ impl Lab {
                 )));
             }
         }
+        check_name(&opts.name)?;
         check_free(&format!("{}-ul", opts.name))?;
-        ensure_dir(&opts.root, 0o700).map_err(io(&opts.root))?;
+        // The root may be a shared dir (e.g. /tmp): create it if missing, never re-mode it.
+        if !opts.root.is_dir() {
+            ensure_dir(&opts.root, 0o700).map_err(io(&opts.root))?;
+        }
         ensure_dir(&opts.state_dir(), 0o700).map_err(io(opts.state_dir()))?;
         let mut lab = Lab {
             st: State {
