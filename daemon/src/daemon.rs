@@ -36,6 +36,16 @@ use crate::{health, iface};
 /// Lost create races tolerated in a row before giving up (flanneld gives up after the first).
 const RACE_RETRIES: u32 = 10;
 
+/// Netlink replies take microseconds; a lost one must never stall the daemon's loop.
+async fn bounded<T>(limit: Duration, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| Error::Backend(format!("kernel did not answer within {limit:?}")))?
+}
+
+const PEER_OP_LIMIT: Duration = Duration::from_secs(5);
+const BULK_LIMIT: Duration = Duration::from_secs(60);
+
 /// Entry point of `twilld` without a subcommand.
 pub async fn run(args: RunArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
@@ -55,13 +65,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     let underlay = iface::detect(&nl, args.iface.as_deref(), args.public_ip).await?;
     info!(iface = %underlay.name, public_ip = %underlay.public_ip, mtu = underlay.mtu, "underlay");
-    let backend = RoutedBackend::new(
-        nl.clone(),
-        &cfg.backend,
-        underlay,
-        cfg.network,
-        args.state_dir.clone(),
-    )?;
+    let backend = RoutedBackend::new(nl.clone(), &cfg.backend, underlay, args.state_dir.clone())?;
     let rules = NftRules::new(args.ip_masq);
     Daemon::new(store, backend, rules, cfg, args, metrics)
         .run()
@@ -248,7 +252,7 @@ impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
             );
         }
         self.peers.remove(&lease.subnet);
-        let _ = self.backend.remove_peer(lease.subnet).await;
+        let _ = bounded(PEER_OP_LIMIT, self.backend.remove_peer(lease.subnet)).await;
         self.own = Some(lease);
         if changed {
             self.setup_node().await;
@@ -259,7 +263,7 @@ impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
     /// Device address, subnet.env and rules for the current lease.
     async fn setup_node(&mut self) {
         let Some(own) = self.own.clone() else { return };
-        match self.backend.ensure(own.subnet).await {
+        match bounded(BULK_LIMIT, self.backend.ensure(own.subnet)).await {
             Ok(recreated) => {
                 self.backend_ok = true;
                 if recreated && self.synced {
@@ -302,7 +306,7 @@ impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
     }
 
     async fn reconcile(&mut self) {
-        match self.backend.reconcile(&self.peers).await {
+        match bounded(BULK_LIMIT, self.backend.reconcile(&self.peers)).await {
             Ok(n) => {
                 if n > 0 {
                     info!("reconcile corrected {n} kernel entries");
@@ -360,7 +364,7 @@ impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
                         continue;
                     }
                     let subnet = l.subnet;
-                    if let Err(e) = self.backend.add_peer(&l).await {
+                    if let Err(e) = bounded(PEER_OP_LIMIT, self.backend.add_peer(&l)).await {
                         warn!(subnet = %subnet, "programming peer failed: {e}; the next reconcile retries");
                     }
                     self.peers.insert(subnet, l);
@@ -374,7 +378,7 @@ impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
                     if self.peers.remove(&s).is_some() {
                         info!(subnet = %s, "peer lease removed");
                     }
-                    if let Err(e) = self.backend.remove_peer(s).await {
+                    if let Err(e) = bounded(PEER_OP_LIMIT, self.backend.remove_peer(s)).await {
                         warn!(subnet = %s, "removing peer failed: {e}; the next reconcile retries");
                     }
                 }
@@ -484,7 +488,7 @@ impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
 
     async fn heal_device(&mut self) {
         let Some(own) = self.own.clone() else { return };
-        match self.backend.ensure(own.subnet).await {
+        match bounded(BULK_LIMIT, self.backend.ensure(own.subnet)).await {
             Ok(_) => {
                 self.backend_ok = true;
                 self.reconcile().await;
@@ -526,7 +530,7 @@ impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
 
     async fn periodic(&mut self) {
         if let Some(own) = self.own.clone() {
-            match self.backend.ensure(own.subnet).await {
+            match bounded(BULK_LIMIT, self.backend.ensure(own.subnet)).await {
                 Ok(recreated) => {
                     self.backend_ok = true;
                     if recreated {
@@ -557,6 +561,16 @@ impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
         if !self.subnet_env_ok || !self.args.subnet_file.exists() {
             self.setup_node().await;
         }
-        self.try_conflist();
+        // Probing the plugins runs them; only when the conflist is missing or not written yet.
+        if !self.conflist_ok
+            || !self
+                .args
+                .cni_conf_dir
+                .join(cni_conf::CONFLIST_NAME)
+                .exists()
+        {
+            self.conflist_ok = false;
+            self.try_conflist();
+        }
     }
 }

@@ -159,13 +159,9 @@ impl Netlink {
         Ok(out)
     }
 
-    /// Ensures `ip/32` is on the link and removes other addresses of `within` from it.
-    pub async fn ensure_only_v4_address(
-        &self,
-        index: u32,
-        ip: Ipv4Addr,
-        within: Ipv4Network,
-    ) -> Result<()> {
+    /// Ensures `ip/32` is on the link and removes every other IPv4 address from it (the link
+    /// is twill's own; an address of an earlier network or subnet must not linger).
+    pub async fn ensure_only_v4_address(&self, index: u32, ip: Ipv4Addr) -> Result<()> {
         let msgs: Vec<AddressMessage> = self
             .handle
             .address()
@@ -183,7 +179,7 @@ impl Netlink {
             let Some(addr) = addr else { continue };
             if addr == ip && m.header.prefix_len == 32 {
                 have = true;
-            } else if within.contains(addr) || addr == ip {
+            } else {
                 ignore_missing(self.handle.address().del(m).execute().await)?;
             }
         }

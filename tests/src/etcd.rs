@@ -21,6 +21,7 @@ pub const ETCDCTL: &str = "/usr/bin/etcdctl";
 
 /// A running (or stopped) single-member etcd.
 pub struct Etcd {
+    tls: Option<TlsFiles>,
     netns: Option<String>,
     ip: String,
     client_port: u16,
@@ -48,11 +49,34 @@ impl Etcd {
     }
 
     fn launch(netns: Option<String>, ip: String, client_port: u16, peer_port: u16) -> Etcd {
+        Etcd::launch_with(netns, ip, client_port, peer_port, None)
+    }
+
+    /// etcd on `ip`:2379 inside the netns, serving TLS and requiring client certificates
+    /// signed by `pki`'s CA (kubeadm's `--client-cert-auth`).
+    pub fn start_in_tls(netns: &str, ip: &str, pki: &Pki) -> Etcd {
+        Etcd::launch_with(
+            Some(netns.to_string()),
+            ip.to_string(),
+            2379,
+            2380,
+            Some(pki.files()),
+        )
+    }
+
+    fn launch_with(
+        netns: Option<String>,
+        ip: String,
+        client_port: u16,
+        peer_port: u16,
+        tls: Option<TlsFiles>,
+    ) -> Etcd {
         let dir = tempfile::Builder::new()
             .prefix("twill-etcd")
             .tempdir()
             .expect("etcd temp dir");
         let mut e = Etcd {
+            tls,
             netns,
             ip,
             client_port,
@@ -64,9 +88,10 @@ impl Etcd {
         e
     }
 
-    /// Client URL, e.g. `http://192.168.100.254:2379`.
+    /// Client URL, e.g. `http://192.168.100.254:2379` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://{}:{}", self.ip, self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.ip, self.client_port)
     }
 
     /// The data dir (a `data` folder below it) and log file live here.
@@ -126,6 +151,17 @@ impl Etcd {
             "--log-level".to_string(),
             "warn".to_string(),
         ]);
+        if let Some(t) = &self.tls {
+            argv.extend([
+                "--cert-file".to_string(),
+                t.server_cert.display().to_string(),
+                "--key-file".to_string(),
+                t.server_key.display().to_string(),
+                "--trusted-ca-file".to_string(),
+                t.ca.display().to_string(),
+                "--client-cert-auth".to_string(),
+            ]);
+        }
         let child = Command::new(&argv[0])
             .args(&argv[1..])
             .stdin(Stdio::null())
@@ -232,7 +268,13 @@ impl Etcd {
             }
             None => Command::new(ETCDCTL),
         };
-        cmd.env("ETCDCTL_API", "3").arg(endpoints).args(args);
+        cmd.env("ETCDCTL_API", "3").arg(endpoints);
+        if let Some(t) = &self.tls {
+            cmd.arg(format!("--cacert={}", t.ca.display()))
+                .arg(format!("--cert={}", t.client_cert.display()))
+                .arg(format!("--key={}", t.client_key.display()));
+        }
+        cmd.args(args);
         cmd
     }
 
@@ -283,6 +325,113 @@ impl Etcd {
         let out = self.etcdctl(&["get", key, "-w", "json"]);
         let v: serde_json::Value = serde_json::from_str(&out).expect("get json");
         v["kvs"][0]["lease"].as_i64().unwrap_or(0)
+    }
+}
+
+/// Paths of the PEM files of a [`Pki`].
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+/// A throw-away CA with a server certificate for one IP and a client certificate, made with
+/// openssl (like kubeadm's /etc/kubernetes/pki/etcd). Removed on drop.
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new(server_ip: &str) -> Pki {
+        let dir = tempfile::Builder::new()
+            .prefix("twill-pki")
+            .tempdir()
+            .expect("pki dir");
+        let pki = Pki { dir };
+        let p = |n: &str| pki.dir.path().join(n).display().to_string();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .expect("spawn openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=etcd-ca",
+            "-keyout",
+            &p("ca.key"),
+            "-out",
+            &p("ca.crt"),
+        ]);
+        std::fs::write(
+            pki.dir.path().join("server.ext"),
+            format!("subjectAltName=IP:{server_ip}\nextendedKeyUsage=serverAuth\n"),
+        )
+        .expect("server.ext");
+        std::fs::write(
+            pki.dir.path().join("client.ext"),
+            "extendedKeyUsage=clientAuth\n",
+        )
+        .expect("client.ext");
+        for (name, cn) in [("server", server_ip), ("client", "twilld")] {
+            openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+                &p(&format!("{name}.key")),
+                "-out",
+                &p(&format!("{name}.csr")),
+            ]);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &p(&format!("{name}.csr")),
+                "-CA",
+                &p("ca.crt"),
+                "-CAkey",
+                &p("ca.key"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &p(&format!("{name}.ext")),
+                "-out",
+                &p(&format!("{name}.crt")),
+            ]);
+        }
+        pki
+    }
+
+    pub fn files(&self) -> TlsFiles {
+        let d = self.dir.path();
+        TlsFiles {
+            ca: d.join("ca.crt"),
+            server_cert: d.join("server.crt"),
+            server_key: d.join("server.key"),
+            client_cert: d.join("client.crt"),
+            client_key: d.join("client.key"),
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use twill_tests::etcd::Etcd;
+use twill_tests::etcd::{Etcd, Pki};
 use twill_tests::underlay::{
     add_pod_bridge, has_vxlan_peer, lacks_vxlan_peer, ping_from, vtep_state, wait_for, Node,
     NodeDirs, Twilld, Underlay,
@@ -361,4 +361,27 @@ fn flannel_node_lease_is_honoured_and_deleted_lease_removed_everywhere() {
         assert_eq!(kernel_state(m).2.lines().count(), 2);
     }
     assert!(!ping(a, &ga, "10.5.200.1"));
+}
+
+#[test]
+fn etcd_with_tls_client_certificates() {
+    let ul = Underlay::new();
+    let pki = Pki::new(&ul.etcd_ip().to_string());
+    let etcd = Etcd::start_in_tls(ul.ns_name(), &ul.etcd_ip().to_string(), &pki);
+    etcd.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]);
+    let f = pki.files();
+    let (ca, cert, key) = (
+        format!("--etcd-cafile={}", f.ca.display()),
+        format!("--etcd-certfile={}", f.client_cert.display()),
+        format!("--etcd-keyfile={}", f.client_key.display()),
+    );
+    let a = start(&ul, &etcd, &[&ca, &cert, &key]);
+    wait_ready(&a);
+    assert_eq!(leases(&etcd).len(), 1);
+
+    // Without a client certificate etcd refuses twilld: no lease, no CNI config.
+    let b = start(&ul, &etcd, &[&ca]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!b.dirs.conflist().exists(), "{}", b.daemon.log());
+    assert_eq!(leases(&etcd).len(), 1);
 }

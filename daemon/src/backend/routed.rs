@@ -43,7 +43,6 @@ pub struct RoutedBackend {
     nl: Netlink,
     vxlan: Option<VxlanConfig>,
     underlay: Underlay,
-    network: Ipv4Network,
     state_dir: PathBuf,
     mac: Option<Mac>,
     dev_index: u32,
@@ -77,7 +76,6 @@ impl RoutedBackend {
         nl: Netlink,
         cfg: &BackendConfig,
         underlay: Underlay,
-        network: Ipv4Network,
         state_dir: PathBuf,
     ) -> Result<RoutedBackend> {
         let vxlan = match cfg {
@@ -101,7 +99,6 @@ impl RoutedBackend {
             nl,
             vxlan,
             underlay,
-            network,
             state_dir,
             mac: None,
             dev_index: 0,
@@ -363,7 +360,7 @@ impl Backend for RoutedBackend {
             self.programmed.clear();
         }
         self.nl
-            .ensure_only_v4_address(self.dev_index, own.network(), self.network)
+            .ensure_only_v4_address(self.dev_index, own.network())
             .await?;
         let link = self
             .nl
@@ -432,9 +429,7 @@ impl Backend for RoutedBackend {
         let routes = nl.main_routes().await?;
         let ours = |r: &crate::netlink::RouteEntry| {
             (dev != 0 && r.oif == Some(dev))
-                || (r.oif == Some(ul)
-                    && r.protocol == RouteProtocol::Other(TWILL_ROUTE_PROTO)
-                    && self.network.contains(r.dst.network()))
+                || (r.oif == Some(ul) && r.protocol == RouteProtocol::Other(TWILL_ROUTE_PROTO))
         };
         let mut have_routes: HashMap<Ipv4Network, Vec<crate::netlink::RouteEntry>> = HashMap::new();
         for r in routes.into_iter().filter(|r| ours(r)) {

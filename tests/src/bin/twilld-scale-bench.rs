@@ -210,7 +210,7 @@ fn main() {
             );
             !out.stdout.is_empty()
         });
-        assert!(seen, "route for {subnet} never appeared");
+        assert!(seen, "route for {subnet} never appeared; log:\n{}", daemon.log());
         lat.push(t0.elapsed());
     }
     lat.sort();
