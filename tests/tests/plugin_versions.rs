@@ -130,7 +130,8 @@ fn bridge_dual_stack_reaches_both_gateways() {
     let conf = json!({
         "cniVersion": "1.0.0", "name": "twds", "type": "twill-bridge", "bridge": "twdsbr0", "isDefaultGateway": true,
         "ipam": {"type": "twill-host-local", "dataDir": data.path(),
-                 "ranges": [[{"subnet": "10.202.0.0/24"}], [{"subnet": "fd20:202::/64"}]]}
+                 "ranges": [[{"subnet": "10.202.0.0/24"}], [{"subnet": "fd20:202::/64"}]]},
+        "runtimeConfig": {"mac": "02:42:0a:ca:00:09"}
     });
     let bin = twill("twill-bridge");
     let add = exec(
@@ -142,6 +143,10 @@ fn bridge_dual_stack_reaches_both_gateways() {
     .ok();
     let r = parse_as("1.0.0", &add, true);
     assert_eq!(r.ips.len(), 2);
+    assert_eq!(add["interfaces"][2]["mac"], "02:42:0a:ca:00:09");
+    assert!(pod
+        .exec(&["ip", "link", "show", "eth0"])
+        .contains("02:42:0a:ca:00:09"));
     assert_eq!(
         r.routes.len(),
         2,

@@ -123,13 +123,14 @@ pub async fn create_veth(
     ifname: &str,
     bridge_index: u32,
     mtu: Option<u32>,
+    container_mac: Option<[u8; 6]>,
 ) -> Result<(String, [u8; 6], [u8; 6]), CniError> {
     for _ in 0..10 {
         let host_name = format!(
             "veth{:08x}",
             u32::from_ne_bytes(random_mac()[..4].try_into().unwrap_or([0; 4]))
         );
-        let (hmac, cmac) = (random_mac(), random_mac());
+        let (hmac, cmac) = (random_mac(), container_mac.unwrap_or_else(random_mac));
         let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name(ifname.to_string())
             .address(cmac.to_vec())

@@ -79,6 +79,29 @@ impl BridgeConf {
     }
 }
 
+/// The container MAC requested by the runtime: `runtimeConfig.mac` > `args.cni.mac` > `CNI_ARGS MAC=`.
+fn requested_mac(req: &Request) -> Result<Option<[u8; 6]>, CniError> {
+    let s = req
+        .conf
+        .runtime("mac")
+        .and_then(|v| v.as_str())
+        .or_else(|| req.conf.cni_arg("mac").and_then(|v| v.as_str()))
+        .or_else(|| req.env.args.get("MAC"));
+    let Some(s) = s.filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    let bad = || CniError::invalid_config(format!("invalid MAC address {s:?}"));
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let mac: [u8; 6] = parts.try_into().map_err(|_| bad())?;
+    if mac[0] & 1 == 1 {
+        return Err(bad());
+    }
+    Ok(Some(mac))
+}
+
 /// IPAM runs in-process when it is our own host-local; any other type is executed from CNI_PATH.
 fn in_process_ipam(conf: &NetConf) -> bool {
     conf.ipam_type() == "twill-host-local"
@@ -196,13 +219,14 @@ async fn add_links(
     ifname: String,
     result: CniResult,
     gws: Vec<IpNetwork>,
+    mac: Option<[u8; 6]>,
 ) -> Result<AddOutcome, CniError> {
     let ch = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
     let h = s.host;
     let (br, bridge_created) = link::ensure_bridge(&h, &bc.bridge, bc.mtu, bc.promisc_mode).await?;
     let br_index = br.header.index;
     let (host_name, hmac, cmac) =
-        link::create_veth(&h, &ch, ns_fd.as_raw_fd(), &ifname, br_index, bc.mtu).await?;
+        link::create_veth(&h, &ch, ns_fd.as_raw_fd(), &ifname, br_index, bc.mtu, mac).await?;
     let work = async {
         let v6 = result.ips.iter().any(|i| i.address.is_ipv6());
         // This thread is inside the container netns, so /proc/sys/net is the container's.
@@ -325,6 +349,7 @@ impl Bridge {
         ns: File,
         ns_fd: File,
     ) -> Result<CniResult, CniError> {
+        let mac = requested_mac(req)?;
         let mut result = ipam_add(req)?;
         if !req.conf.ipam_type().is_empty() && result.ips.is_empty() {
             return Err(CniError::internal("IPAM plugin returned missing IP config"));
@@ -332,7 +357,9 @@ impl Bridge {
         let gws = calc_gateways(bc, &mut result);
         let ifname = req.env.ifname.clone();
         let (bc2, r2, g2) = (bc.clone(), result.clone(), gws.clone());
-        let out = run(Some(ns), move |s| add_links(s, ns_fd, bc2, ifname, r2, g2))?;
+        let out = run(Some(ns), move |s| {
+            add_links(s, ns_fd, bc2, ifname, r2, g2, mac)
+        })?;
         let host_side = || -> Result<(), CniError> {
             if out.bridge_created {
                 let _ = write_sysctl(
@@ -392,6 +419,7 @@ impl Bridge {
 impl Plugin for Bridge {
     fn add(&self, req: &Request) -> Result<CniResult, CniError> {
         let bc = BridgeConf::load(&req.conf)?;
+        requested_mac(req)?;
         let ns = open_netns(req)?;
         let ns_fd = ns
             .try_clone()
@@ -616,4 +644,83 @@ async fn check_links(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use twill_common::cni::Env;
+
+    fn bc(v: serde_json::Value) -> BridgeConf {
+        BridgeConf::load(&NetConf::parse(v.to_string().as_bytes()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn gateways_and_default_routes() {
+        let mut r = CniResult::from_value(
+            &json!({"ips":[{"address":"10.1.0.5/24"},{"address":"fd00::5/64","gateway":"fd00::1"}],
+                    "routes":[{"dst":"::/0","gw":"fd00::1"}]}),
+            "1.0.0",
+        )
+        .unwrap();
+        let c = bc(json!({"name":"n","type":"twill-bridge","isDefaultGateway":true}));
+        assert!(c.is_gateway, "isDefaultGateway implies isGateway");
+        assert_eq!(c.bridge, "cni0");
+        let gws = calc_gateways(&c, &mut r);
+        assert_eq!(
+            gws.iter().map(|g| g.to_string()).collect::<Vec<_>>(),
+            ["10.1.0.1/24", "fd00::1/64"]
+        );
+        assert!(r.ips.iter().all(|i| i.interface == Some(2)));
+        assert_eq!(r.ips[0].gateway.unwrap().to_string(), "10.1.0.1");
+        // v4 gets a default route; v6 already had one with a gw.
+        assert_eq!(r.routes.len(), 2);
+        assert_eq!(r.routes[1].dst.to_string(), "0.0.0.0/0");
+    }
+
+    #[test]
+    fn config_validation_and_mac() {
+        let bad = |v: serde_json::Value| {
+            BridgeConf::load(&NetConf::parse(v.to_string().as_bytes()).unwrap()).unwrap_err()
+        };
+        assert_eq!(
+            bad(json!({"name":"n","hairpinMode":true,"promiscMode":true})).code,
+            7
+        );
+        assert_eq!(bad(json!({"name":"n","vlan":5})).code, 2);
+        assert_eq!(bad(json!({"name":"n","bridge":"a/b"})).code, 7);
+        assert_eq!(bad(json!({"name":"n","mtu":"x"})).code, 7);
+        let env = Env::from_lookup(|k| match k {
+            "CNI_COMMAND" => Some("STATUS".into()),
+            "CNI_ARGS" => Some("MAC=02:00:00:00:00:09".into()),
+            _ => None,
+        })
+        .unwrap();
+        let mk = |v: serde_json::Value| Request {
+            env: env.clone(),
+            conf: NetConf::parse(v.to_string().as_bytes()).unwrap(),
+            stdin: vec![],
+        };
+        assert_eq!(
+            requested_mac(&mk(json!({}))).unwrap(),
+            Some([2, 0, 0, 0, 0, 9])
+        );
+        let rt = mk(
+            json!({"runtimeConfig":{"mac":"02:00:00:00:00:0a"},"args":{"cni":{"mac":"02:00:00:00:00:0b"}}}),
+        );
+        assert_eq!(requested_mac(&rt).unwrap(), Some([2, 0, 0, 0, 0, 10]));
+        assert_eq!(
+            requested_mac(&mk(json!({"runtimeConfig":{"mac":"01:00:00:00:00:01"}})))
+                .unwrap_err()
+                .code,
+            7
+        );
+        assert_eq!(
+            requested_mac(&mk(json!({"runtimeConfig":{"mac":"zz"}})))
+                .unwrap_err()
+                .code,
+            7
+        );
+    }
 }

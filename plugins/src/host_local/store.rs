@@ -37,9 +37,9 @@ fn file_of(ip: IpAddr) -> String {
 }
 
 impl Store {
-    /// Opens (creating) `dir` and takes the exclusive lock on `dir/lock`.
+    /// Opens (creating, 0700) `dir` and takes the exclusive lock on `dir/lock`.
     pub fn open(dir: &Path) -> Result<Store, CniError> {
-        ensure_dir(dir, 0o755).map_err(io_err(format!("create {}", dir.display())))?;
+        ensure_dir(dir, 0o700).map_err(io_err(format!("create {}", dir.display())))?;
         let lock_path = dir.join("lock");
         let f = OpenOptions::new()
             .read(true)
@@ -82,7 +82,14 @@ impl Store {
             return Err(io_err(format!("write {}", path.display()))(e));
         }
         let last = self.dir.join(format!("{LAST_RESERVED}{set_idx}"));
-        fs::write(&last, ip.to_string()).map_err(io_err(format!("write {}", last.display())))?;
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&last)
+            .and_then(|mut f| f.write_all(ip.to_string().as_bytes()))
+            .map_err(io_err(format!("write {}", last.display())))?;
         Ok(true)
     }
 
