@@ -194,6 +194,12 @@ fn bad_inputs_give_their_codes_and_change_nothing() {
         &ok,
     )
     .ok();
+    // The veth teardown finishes in the background; let the bridge lose its last port first.
+    assert!(eventually(10, || twill_tests::cni::host_veths(&node)
+        .is_empty()
+        && node
+            .exec(&["ip", "link", "show", "twerrbr0"])
+            .contains("NO-CARRIER")));
     // Requested IP that is the gateway, and one outside every range.
     let mut req = ok.clone();
     req["args"] = json!({"cni": {"ips": ["10.220.0.1"]}});
