@@ -12,8 +12,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
 use twill_tests::bins;
-use twill_tests::etcd::Etcd;
+
+use twill_tests::etcd::{Etcd, Pki};
 use twill_tests::underlay::{add_pod_bridge, ping_from, wait_for, Node, NodeDirs, Underlay};
 
 const PLUGINS: [&str; 4] = [
@@ -58,14 +60,14 @@ fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
 }
 
 /// What the node would hand the container: the pod's env with the downward API and the
-/// ConfigMap resolved, the host paths moved into `dirs`, the etcd endpoint of this test.
-/// The etcd client certificate variables are dropped (this etcd speaks plain HTTP; TLS is
-/// covered by deploy_init_network).
+/// ConfigMap resolved, the host paths moved into `dirs`, the Secret's mount into `secret`,
+/// the etcd endpoint of this test.
 fn container_env(
     c: &Value,
     cm: &Value,
     node_ip: &str,
     endpoint: &str,
+    secret: &Path,
     dirs: Option<&NodeDirs>,
 ) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
@@ -82,8 +84,21 @@ fn container_env(
         };
         env.insert(name, value);
     }
-    env.retain(|k, _| !k.starts_with("TWILLD_ETCD_") || k == "TWILLD_ETCD_PREFIX");
-    env.insert("TWILLD_ETCD_ENDPOINTS".into(), endpoint.into());
+    // Containers that talk to etcd get the endpoint of this test and the Secret's files.
+    if env.contains_key("TWILLD_ETCD_ENDPOINTS") {
+        for k in [
+            "TWILLD_ETCD_CAFILE",
+            "TWILLD_ETCD_CERTFILE",
+            "TWILLD_ETCD_KEYFILE",
+        ] {
+            let v = env
+                .get(k)
+                .unwrap_or_else(|| panic!("{}: {k} not set", c["name"]));
+            let file = Path::new(v).file_name().expect("file name").to_owned();
+            env.insert(k.into(), secret.join(file).display().to_string());
+        }
+        env.insert("TWILLD_ETCD_ENDPOINTS".into(), endpoint.into());
+    }
     if let Some(d) = dirs {
         let paths = [
             ("TWILLD_SUBNET_FILE", d.subnet_file()),
@@ -206,14 +221,30 @@ fn manifest_pods_work_with_only_the_granted_capabilities() {
     let twilld = bins::bin("twilld");
 
     let ul = Underlay::new();
-    let etcd = Etcd::start_in(ul.ns_name(), &ul.etcd_ip().to_string());
+    let pki = Pki::new(&ul.etcd_ip().to_string());
+    let etcd = Etcd::start_in_tls(ul.ns_name(), &ul.etcd_ip().to_string(), &pki);
     let endpoint = etcd.endpoint();
+    assert!(endpoint.starts_with("https://"));
+    // The Secret as docs/deploy.md creates it (keys ca.crt, tls.crt, tls.key), mode 0400 as
+    // the manifest mounts it: root without CAP_DAC_OVERRIDE must still read it.
+    let secret = tempfile::tempdir().unwrap();
+    let files = pki.files();
+    for (key, src) in [
+        ("ca.crt", &files.ca),
+        ("tls.crt", &files.client_cert),
+        ("tls.key", &files.client_key),
+    ] {
+        let dst = secret.path().join(key);
+        fs::copy(src, &dst).unwrap();
+        fs::set_permissions(&dst, fs::Permissions::from_mode(0o400)).unwrap();
+    }
 
     // The Job: the ConfigMap's net-conf.json mounted where the container expects it.
     let conf_dir = tempfile::tempdir().unwrap();
     let conf_file = conf_dir.path().join("net-conf.json");
     fs::write(&conf_file, cm["data"]["net-conf.json"].as_str().unwrap()).unwrap();
-    let mut env = container_env(job_c, cm, &ul.etcd_ip().to_string(), &endpoint, None);
+    let ip = ul.etcd_ip().to_string();
+    let mut env = container_env(job_c, cm, &ip, &endpoint, secret.path(), None);
     env.insert("TWILLD_CONFIG_FILE".into(), conf_file.display().to_string());
     let args = subcommand(job_c);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -244,7 +275,7 @@ fn manifest_pods_work_with_only_the_granted_capabilities() {
             fs::remove_file(d.cni_bin_dir().join(p)).unwrap();
         }
         let ip = node.ip.to_string();
-        let mut env = container_env(install_c, cm, &ip, &endpoint, Some(d));
+        let mut env = container_env(install_c, cm, &ip, &endpoint, secret.path(), Some(d));
         env.insert("TWILLD_SRC_DIR".into(), image.path().display().to_string());
         let args = subcommand(install_c);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -264,7 +295,7 @@ fn manifest_pods_work_with_only_the_granted_capabilities() {
             );
         }
 
-        let env = container_env(twilld_c, cm, &ip, &endpoint, Some(d));
+        let env = container_env(twilld_c, cm, &ip, &endpoint, secret.path(), Some(d));
         let args = subcommand(twilld_c);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = fs::File::create(d.log()).unwrap();
