@@ -4,13 +4,13 @@
 //! like the manifest's Job does.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use twill_tests::bins;
-use twill_tests::etcd::{Etcd, ETCD, ETCDCTL};
+use twill_tests::etcd::{Etcd, Pki, ETCD, ETCDCTL};
 
 const KEY: &str = "/coreos.com/network/config";
 
@@ -263,88 +263,6 @@ fn unreachable_etcd_is_an_error() {
     );
 }
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl
-/// (like kubeadm's /etc/kubernetes/pki/etcd).
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::Builder::new()
-            .prefix("twill-pki")
-            .tempdir()
-            .unwrap();
-        let pki = Pki { dir };
-        let p = |n: &str| pki.path(n).to_str().unwrap().to_string();
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
-        };
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=etcd-ca",
-            "-keyout",
-            &p("ca.key"),
-            "-out",
-            &p("ca.crt"),
-        ]);
-        fs::write(
-            pki.path("server.ext"),
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        fs::write(pki.path("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-        for (name, cn) in [("server", "127.0.0.1"), ("client", "twill")] {
-            openssl(&[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                &format!("/CN={cn}"),
-                "-keyout",
-                &p(&format!("{name}.key")),
-                "-out",
-                &p(&format!("{name}.csr")),
-            ]);
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &p(&format!("{name}.csr")),
-                "-CA",
-                &p("ca.crt"),
-                "-CAkey",
-                &p("ca.key"),
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                &p(&format!("{name}.ext")),
-                "-out",
-                &p(&format!("{name}.crt")),
-            ]);
-        }
-        pki
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
 /// etcd requiring client certificates (kubeadm's `--client-cert-auth`), killed by PID on drop.
 struct TlsEtcd {
     child: Child,
@@ -385,11 +303,11 @@ impl TlsEtcd {
                 &peer,
             ])
             .args(["--initial-cluster", &format!("tls={peer}")])
-            .args(["--cert-file", &s(&pki.path("server.crt"))])
-            .args(["--key-file", &s(&pki.path("server.key"))])
+            .args(["--cert-file", &s(&pki.files().server_cert)])
+            .args(["--key-file", &s(&pki.files().server_key)])
             .args([
                 "--trusted-ca-file",
-                &s(&pki.path("ca.crt")),
+                &s(&pki.files().ca),
                 "--client-cert-auth",
             ])
             .args([
@@ -423,9 +341,9 @@ impl TlsEtcd {
         Command::new(ETCDCTL)
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoint))
-            .arg(format!("--cacert={}", pki.path("ca.crt").display()))
-            .arg(format!("--cert={}", pki.path("client.crt").display()))
-            .arg(format!("--key={}", pki.path("client.key").display()))
+            .arg(format!("--cacert={}", pki.files().ca.display()))
+            .arg(format!("--cert={}", pki.files().client_cert.display()))
+            .arg(format!("--key={}", pki.files().client_key.display()))
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -442,9 +360,9 @@ impl Drop for TlsEtcd {
 
 #[test]
 fn tls_with_client_certificate() {
-    let pki = Pki::new();
+    let pki = Pki::new("127.0.0.1");
     let etcd = TlsEtcd::start(&pki);
-    let ca = pki.path("ca.crt");
+    let ca = pki.files().ca;
     let ca = ca.to_str().unwrap();
 
     // Without a client certificate etcd refuses the request; nothing is written.
@@ -456,8 +374,8 @@ fn tls_with_client_certificate() {
     assert!(!out.status.success(), "{}", text(&out));
 
     // The manifest's way: files from the Secret, given through the environment.
-    let cert = pki.path("client.crt");
-    let key = pki.path("client.key");
+    let cert = pki.files().client_cert;
+    let key = pki.files().client_key;
     let out = init_network(
         &etcd.endpoint,
         &["--network", "10.244.0.0/16"],
