@@ -2,9 +2,6 @@
 //! (`cniharness`) like containerd: portmap chained after twill-bridge, the reference bridge
 //! using twill-host-local, and the host-local store shared in both directions.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-
 use serde_json::{json, Value};
 use twill_tests::bins::{target_dir, REFERENCE_CNI_DIR};
 use twill_tests::cni::{
@@ -14,6 +11,46 @@ use twill_tests::netns::Netns;
 
 fn write_conflist(dir: &std::path::Path, list: &Value) {
     std::fs::write(dir.join("10-test.conflist"), list.to_string()).unwrap();
+}
+
+/// Listens on `port` inside `pod`, connects to `target` from inside `node`, and returns what
+/// the pod received. Each side runs on a short-lived thread that entered its namespace.
+fn through_host_port(node: &Netns, pod: &Netns, target: &str, port: u16) -> String {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+    let pod_ns = twill_common::netns::open(std::path::Path::new(&pod.path())).unwrap();
+    let listener =
+        twill_common::netns::run_in(Some(pod_ns), move || TcpListener::bind(("0.0.0.0", port)))
+            .unwrap()
+            .expect("listen in pod");
+    listener.set_nonblocking(true).unwrap();
+    let node_ns = twill_common::netns::open(std::path::Path::new(&node.path())).unwrap();
+    let target: std::net::SocketAddr = target.parse().unwrap();
+    let client = std::thread::spawn(move || {
+        twill_common::netns::enter(&node_ns).unwrap();
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5))
+            .expect("connect to host port");
+        s.write_all(b"hello-through-portmap").unwrap();
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = String::new();
+    while Instant::now() < deadline {
+        match listener.accept() {
+            Ok((mut s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = s.read_to_string(&mut got);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+    client.join().expect("client thread");
+    got
 }
 
 fn bin_path() -> String {
@@ -61,39 +98,9 @@ fn reference_portmap_chained_after_twill_bridge() {
     );
 
     // A connection to the host port on the node arrives in the pod.
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", pod.name(), "nc", "-l", "80"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let delivered = eventually(5, || {
-        let o = twill_tests::sh::run_with_input(
-            &[
-                "ip",
-                "netns",
-                "exec",
-                node.name(),
-                "nc",
-                "-N",
-                "-w",
-                "2",
-                "10.230.0.1",
-                "18080",
-            ],
-            &[],
-            b"hello-through-portmap\n",
-        );
-        o.status.success()
-    });
-    let mut got = String::new();
-    if delivered {
-        let _ = server.stdout.take().unwrap().read_to_string(&mut got);
-    }
-    let _ = server.kill();
-    let _ = server.wait();
-    assert!(
-        got.contains("hello-through-portmap"),
-        "pod received {got:?}"
+    assert_eq!(
+        through_host_port(&node, &pod, "10.230.0.1:18080", 80),
+        "hello-through-portmap"
     );
 
     // No CHECK through this list: Debian's portmap 1.1.1 fails CHECK on nft-backed ip6tables
