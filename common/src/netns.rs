@@ -15,6 +15,24 @@ pub fn open(path: &Path) -> io::Result<File> {
     File::open(path)
 }
 
+/// Whether `f` is a namespace file (nsfs). A netns path whose namespace was unmounted is
+/// left as an empty regular file; such a path means "the namespace is gone".
+pub fn is_netns(f: &File) -> bool {
+    nix::sys::statfs::fstatfs(f)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
+        .unwrap_or(false)
+}
+
+/// Opens `path` if it is a live namespace; `Ok(None)` when it is missing or not a namespace.
+pub fn open_if_live(path: &Path) -> io::Result<Option<File>> {
+    match File::open(path) {
+        Ok(f) if is_netns(&f) => Ok(Some(f)),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Moves the calling thread into `ns`. Only for threads this process owns and discards.
 pub fn enter(ns: impl AsFd) -> io::Result<()> {
     setns(ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
@@ -45,6 +63,17 @@ mod tests {
         assert_eq!(run_in(None, || 41 + 1).unwrap(), 42);
         let e = open(Path::new("/run/netns/twill-does-not-exist")).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(open_if_live(Path::new("/run/netns/twill-does-not-exist"))
+            .unwrap()
+            .is_none());
+        // A plain file (what an unmounted netns path leaves behind) is not a live namespace.
+        let plain = std::env::temp_dir().join(format!("twill-netns-plain-{}", std::process::id()));
+        std::fs::write(&plain, b"").unwrap();
+        assert!(open_if_live(&plain).unwrap().is_none());
+        std::fs::remove_file(&plain).unwrap();
+        assert!(open_if_live(Path::new("/proc/self/ns/net"))
+            .unwrap()
+            .is_some());
         // Entering our own namespace is a no-op that must succeed (needs CAP_SYS_ADMIN).
         if nix::unistd::Uid::effective().is_root() {
             let me = open(Path::new("/proc/self/ns/net")).unwrap();

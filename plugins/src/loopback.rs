@@ -93,9 +93,8 @@ impl Plugin for Loopback {
         let Some(p) = &req.env.netns else {
             return Ok(());
         };
-        let ns = match netns::open(p) {
-            Ok(f) => f,
-            Err(_) => return Ok(()),
+        let Ok(Some(ns)) = netns::open_if_live(p) else {
+            return Ok(());
         };
         run(Some(ns), |s| async move {
             let h = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;

@@ -136,6 +136,27 @@ fn del_after_netns_is_gone_releases_ip_and_masquerade() {
         )
         .ok();
     }
+    // A netns path whose namespace was unmounted is an empty regular file: DEL treats it as gone.
+    let pod = Netns::new("pg");
+    let add = exec(
+        Some(&node),
+        &bin,
+        &Invocation::new("ADD", "gone3", &pod.path()),
+        &c,
+    )
+    .ok();
+    let stale = tempfile::NamedTempFile::new().unwrap();
+    let stale_path = stale.path().display().to_string();
+    exec(
+        Some(&node),
+        &bin,
+        &Invocation::new("DEL", "gone3", &stale_path),
+        &with_prev(&c, &add),
+    )
+    .ok();
+    assert!(reservations(data.path(), "twgone").is_empty());
+    assert!(masq_rules(&node).is_empty());
+    drop(pod);
     assert!(eventually(10, || host_veths(&node).is_empty()));
 }
 

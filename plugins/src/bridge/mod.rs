@@ -319,7 +319,7 @@ fn reap(netns_path: &std::path::Path, name: &str) -> Result<(), CniError> {
     if !name.starts_with(link::PARKED_PREFIX) {
         return Err(CniError::invalid_env(format!("refusing to reap {name:?}")));
     }
-    let Ok(ns) = netns::open(netns_path) else {
+    let Ok(Some(ns)) = netns::open_if_live(netns_path) else {
         return Ok(());
     };
     let name = name.to_string();
@@ -437,24 +437,17 @@ impl Plugin for Bridge {
         // A gone netns (or none given) only skips the link removal: IPAM and masquerade state
         // are released whatever happened to the container.
         if let Some(p) = &req.env.netns {
-            match netns::open(p) {
-                Ok(ns) => {
-                    let ifname = req.env.ifname.clone();
-                    let parked = run(Some(ns), move |s| async move {
-                        let ch = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
-                        link::park_link(&ch, &ifname).await
-                    })?;
-                    if let Some(name) = parked {
-                        reap_later(p, &name)?;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                Err(e) => {
-                    return Err(CniError::internal(format!(
-                        "failed to open netns {:?}: {e}",
-                        p.display()
-                    )))
+            let ns = netns::open_if_live(p).map_err(|e| {
+                CniError::internal(format!("failed to open netns {:?}: {e}", p.display()))
+            })?;
+            if let Some(ns) = ns {
+                let ifname = req.env.ifname.clone();
+                let parked = run(Some(ns), move |s| async move {
+                    let ch = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
+                    link::park_link(&ch, &ifname).await
+                })?;
+                if let Some(name) = parked {
+                    reap_later(p, &name)?;
                 }
             }
         }
