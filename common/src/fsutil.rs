@@ -25,7 +25,10 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> io::Result<()> {
 /// Writes `data` to `path` atomically: a temp file in the same dir with `mode`,
 /// fsync, rename over `path`, fsync of the dir. Readers see the old or the new file, never a part.
 pub fn atomic_write(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
@@ -61,13 +64,23 @@ mod tests {
     fn atomic_write_sets_mode_and_replaces() {
         let dir = std::env::temp_dir().join(format!("twill-fsutil-{}", std::process::id()));
         ensure_dir(&dir, 0o700).unwrap();
-        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o7777, 0o700);
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o7777,
+            0o700
+        );
         let p = dir.join("f");
         atomic_write(&p, b"one", 0o600).unwrap();
         atomic_write(&p, b"two", 0o600).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temp file left behind");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no temp file left behind"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

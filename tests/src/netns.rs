@@ -43,7 +43,9 @@ impl Netns {
 
     /// Whether a link of that name exists inside.
     pub fn has_link(&self, link: &str) -> bool {
-        self.output(&["ip", "link", "show", "dev", link]).status.success()
+        self.output(&["ip", "link", "show", "dev", link])
+            .status
+            .success()
     }
 }
 
@@ -58,7 +60,17 @@ impl Drop for Netns {
 /// The pair is created inside `a`, so nothing ever appears in the root namespace.
 pub fn veth_pair(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     a.exec(&[
-        "ip", "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name(),
+        "ip",
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
     ]);
     a.exec(&["ip", "link", "set", a_if, "up"]);
     b.exec(&["ip", "link", "set", b_if, "up"]);
