@@ -263,3 +263,43 @@ fn containerd_style_conflist_add_check_del_through_libcni() {
     harness_run(&node, "del", conf.path(), &bin_path(), &pod, "cd1", &args).ok();
     assert!(reservations(data.path(), "twcd").is_empty());
 }
+
+#[test]
+fn twill_bridge_delegates_to_reference_host_local() {
+    let node = Netns::new("nh");
+    let pod = Netns::new("ph");
+    let conf = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    // Any IPAM type other than twill-host-local is executed from CNI_PATH with the same env.
+    write_conflist(
+        conf.path(),
+        &json!({"cniVersion": "1.0.0", "name": "twdh", "plugins": [
+            {"type": "twill-bridge", "bridge": "twdhbr0", "isGateway": true, "ipMasq": true,
+             "ipam": {"type": "host-local", "subnet": "10.235.0.0/24", "dataDir": data.path(),
+                      "routes": [{"dst": "0.0.0.0/0"}]}}
+        ]}),
+    );
+    let cache_s = cache.path().display().to_string();
+    let args = ["-cache", cache_s.as_str()];
+    let res = harness_run(&node, "add", conf.path(), &bin_path(), &pod, "dh1", &args).ok();
+    assert_eq!(res["ips"][0]["address"], "10.235.0.2/24");
+    assert_eq!(reservations(data.path(), "twdh"), ["10.235.0.2"]);
+    pod.exec(&["ping", "-c1", "-W2", "10.235.0.1"]);
+    harness_run(&node, "check", conf.path(), &bin_path(), &pod, "dh1", &args).ok();
+    harness_run(&node, "del", conf.path(), &bin_path(), &pod, "dh1", &args).ok();
+    assert!(reservations(data.path(), "twdh").is_empty());
+    // A failing delegate's error comes back as the plugin's error, and nothing is left.
+    let bad = tempfile::tempdir().unwrap();
+    write_conflist(
+        bad.path(),
+        &json!({"cniVersion": "1.0.0", "name": "twdh", "plugins": [
+            {"type": "twill-bridge", "bridge": "twdhbr0",
+             "ipam": {"type": "host-local", "subnet": "10.235.1.0/31", "dataDir": data.path()}}
+        ]}),
+    );
+    let r = harness_run(&node, "add", bad.path(), &bin_path(), &pod, "dh2", &args);
+    assert_ne!(r.status, 0);
+    assert!(r.stderr.contains("too small"), "{}", r.stderr);
+    assert!(!pod.has_link("eth0"));
+}
