@@ -277,3 +277,72 @@ fn loopback_every_version() {
     )
     .ok();
 }
+
+#[test]
+fn bridge_check_detects_what_is_broken() {
+    let node = Netns::new("nb");
+    let pod = Netns::new("pb");
+    let data = tempfile::tempdir().unwrap();
+    let mut conf = bridge_conf("1.1.0", "twckbr0", "10.204.0.0/24", data.path());
+    conf["ipMasq"] = json!(true);
+    let bin = twill("twill-bridge");
+    let inv = |c: &str| Invocation::new(c, "ck1", &pod.path());
+    let add = exec(Some(&node), &bin, &inv("ADD"), &conf).ok();
+    let chk = with_prev(&conf, &add);
+    exec(Some(&node), &bin, &inv("CHECK"), &chk).ok();
+    let ip = add["ips"][0]["address"].as_str().unwrap().to_string();
+
+    // A missing route (the one without gw in prevResult).
+    pod.exec(&["ip", "route", "del", "default"]);
+    assert_ne!(
+        exec(Some(&node), &bin, &inv("CHECK"), &chk).status,
+        0,
+        "route gone"
+    );
+    pod.exec(&["ip", "route", "add", "default", "via", "10.204.0.1"]);
+    exec(Some(&node), &bin, &inv("CHECK"), &chk).ok();
+
+    // A missing address.
+    pod.exec(&["ip", "addr", "del", &ip, "dev", "eth0"]);
+    assert_ne!(
+        exec(Some(&node), &bin, &inv("CHECK"), &chk).status,
+        0,
+        "address gone"
+    );
+    pod.exec(&["ip", "addr", "add", &ip, "dev", "eth0"]);
+    pod.exec(&["ip", "route", "replace", "default", "via", "10.204.0.1"]);
+    exec(Some(&node), &bin, &inv("CHECK"), &chk).ok();
+
+    // A missing IPAM reservation.
+    let file = data.path().join("twv").join(ip.split('/').next().unwrap());
+    let saved = std::fs::read(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    assert_ne!(
+        exec(Some(&node), &bin, &inv("CHECK"), &chk).status,
+        0,
+        "reservation gone"
+    );
+    std::fs::write(&file, saved).unwrap();
+    exec(Some(&node), &bin, &inv("CHECK"), &chk).ok();
+
+    // Missing masquerade rules.
+    node.exec(&["nft", "flush", "chain", "inet", "twill_masq", "postrouting"]);
+    assert_ne!(
+        exec(Some(&node), &bin, &inv("CHECK"), &chk).status,
+        0,
+        "masquerade gone"
+    );
+
+    // The host veth detached from the bridge.
+    let host_veth = add["interfaces"][1]["name"].as_str().unwrap().to_string();
+    let mut no_masq = chk.clone();
+    no_masq["ipMasq"] = json!(false);
+    exec(Some(&node), &bin, &inv("CHECK"), &no_masq).ok();
+    node.exec(&["ip", "link", "set", &host_veth, "nomaster"]);
+    assert_ne!(
+        exec(Some(&node), &bin, &inv("CHECK"), &no_masq).status,
+        0,
+        "port detached"
+    );
+    exec(Some(&node), &bin, &inv("DEL"), &chk).ok();
+}

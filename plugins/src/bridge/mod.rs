@@ -553,6 +553,17 @@ async fn check_links(
     if link::kind_of(&br) != Some(&netlink_packet_route::link::InfoKind::Bridge) {
         return Err(CniError::internal(format!("{} is not a bridge", bc.bridge)));
     }
+    if bc.promisc_mode
+        && !br
+            .header
+            .flags
+            .contains(netlink_packet_route::link::LinkFlags::Promisc)
+    {
+        return Err(CniError::internal(format!(
+            "bridge {} is not promiscuous",
+            bc.bridge
+        )));
+    }
     if let Some(want) = prev
         .interfaces
         .iter()
