@@ -385,3 +385,96 @@ fn etcd_with_tls_client_certificates() {
     assert!(!b.dirs.conflist().exists(), "{}", b.daemon.log());
     assert_eq!(leases(&etcd).len(), 1);
 }
+
+#[test]
+fn peer_mac_change_replaces_fdb_and_readyz_turns_ready() {
+    let ul = Underlay::new();
+    let etcd = Etcd::start_in(ul.ns_name(), &ul.etcd_ip().to_string());
+    let a = start(
+        &ul,
+        &etcd,
+        &["--healthz-ip=127.0.0.1", "--healthz-port=18084"],
+    );
+    // No config yet: alive but not ready.
+    assert!(wait_for(
+        || http_get(&a, "http://127.0.0.1:18084/healthz").0 == 200,
+        WAIT
+    ));
+    assert_eq!(http_get(&a, "http://127.0.0.1:18084/readyz").0, 503);
+    etcd.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]);
+    wait_ready(&a);
+    assert!(wait_for(
+        || http_get(&a, "http://127.0.0.1:18084/readyz").0 == 200,
+        WAIT
+    ));
+
+    let key = format!("{PREFIX}/subnets/10.5.77.0-24");
+    let value = |mac: &str, ip: &str| {
+        format!(
+            r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+        )
+    };
+    etcd.etcdctl(&["put", &key, &value("02:00:00:00:77:01", "192.168.100.77")]);
+    assert!(wait_for(
+        || has_peer(&a, "10.5.77.0/24", "02:00:00:00:77:01", "192.168.100.77"),
+        WAIT
+    ));
+    // The peer's VTEP MAC changed (e.g. its device was recreated by flannel): the old FDB
+    // entry, keyed by MAC, must go, or it would linger forever.
+    etcd.etcdctl(&["put", &key, &value("02:00:00:00:77:02", "192.168.100.78")]);
+    assert!(
+        wait_for(
+            || has_peer(&a, "10.5.77.0/24", "02:00:00:00:77:02", "192.168.100.78")
+                && !kernel_state(&a).1.contains("02:00:00:00:77:01"),
+            WAIT
+        ),
+        "{:?}",
+        kernel_state(&a)
+    );
+    assert_eq!(
+        kernel_state(&a).1.lines().count(),
+        1,
+        "{:?}",
+        kernel_state(&a)
+    );
+}
+
+#[test]
+fn etcd_basic_auth() {
+    let ul = Underlay::new();
+    let etcd = Etcd::start_in(ul.ns_name(), &ul.etcd_ip().to_string());
+    etcd.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]);
+    etcd.etcdctl(&[
+        "user",
+        "add",
+        "root",
+        "--new-user-password=s3cret",
+        "--interactive=false",
+    ]);
+    etcd.etcdctl(&["auth", "enable"]);
+    let a = start(
+        &ul,
+        &etcd,
+        &["--etcd-username=root", "--etcd-password=s3cret"],
+    );
+    wait_ready(&a);
+    let listed = etcd.etcdctl(&[
+        "--user=root:s3cret",
+        "get",
+        &format!("{PREFIX}/subnets/"),
+        "--prefix",
+        "--keys-only",
+    ]);
+    assert_eq!(
+        listed.lines().filter(|l| !l.is_empty()).count(),
+        1,
+        "{listed}"
+    );
+    let b = start(
+        &ul,
+        &etcd,
+        &["--etcd-username=root", "--etcd-password=wrong"],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!b.dirs.conflist().exists(), "{}", b.daemon.log());
+}

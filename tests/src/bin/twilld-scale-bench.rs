@@ -199,7 +199,8 @@ fn main() {
     // One new lease at a time: write it, poll for its route.
     let mut lat = Vec::new();
     for s in 0..args.samples {
-        let i = n + 1 + s;
+        // From the top of the pool: twilld took one of the first free subnets after the N.
+        let i = 65_000 - s;
         let (_, _, subnet) = lease(i);
         let t0 = Instant::now();
         put_leases(&ul, &etcd, i..=i, &lease_id);
