@@ -291,28 +291,32 @@ async fn add_links(
     })
 }
 
-/// Env of the detached reaper process: the netns path and the parked link to delete.
-const REAP_NETNS: &str = "TWILL_BRIDGE_REAP_NETNS";
-const REAP_LINK: &str = "TWILL_BRIDGE_REAP_LINK";
-
-/// Deletes a parked container link in a detached copy of this binary, so DEL does not wait
-/// for the kernel's veth teardown. The copy gets no stdio (the runtime reads our stdout to
-/// EOF). If it cannot be started the link is deleted here, synchronously.
+/// Deletes a parked container link in a forked child, so DEL does not wait for the kernel's
+/// veth teardown. Called last, when this process is single-threaded again (the netlink thread
+/// was joined) and holds no lock; the child drops our stdio at once because the runtime reads
+/// our stdout to EOF. If the fork fails the link is deleted here, synchronously.
 fn reap_later(netns_path: &std::path::Path, name: &str) -> Result<(), CniError> {
-    let spawned = std::env::current_exe().and_then(|exe| {
-        std::process::Command::new(exe)
-            .env_remove("CNI_COMMAND")
-            .env(REAP_NETNS, netns_path)
-            .env(REAP_LINK, name)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-    });
-    if spawned.is_ok() {
-        return Ok(());
+    use nix::unistd::{dup2_stderr, dup2_stdin, dup2_stdout, fork, setsid, ForkResult};
+    // SAFETY: no other thread exists at this point, so the child may allocate and spawn threads.
+    match unsafe { fork() } {
+        Ok(ForkResult::Parent { .. }) => Ok(()),
+        Ok(ForkResult::Child) => {
+            if let Ok(null) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
+                let _ = dup2_stdin(&null);
+                let _ = dup2_stdout(&null);
+                let _ = dup2_stderr(&null);
+            }
+            let _ = setsid();
+            let code = i32::from(reap(netns_path, name).is_err());
+            // SAFETY: _exit skips atexit handlers and stdio flushing that belong to the parent.
+            unsafe { libc::_exit(code) }
+        }
+        Err(_) => reap(netns_path, name),
     }
-    reap(netns_path, name)
 }
 
 fn reap(netns_path: &std::path::Path, name: &str) -> Result<(), CniError> {
@@ -326,16 +330,6 @@ fn reap(netns_path: &std::path::Path, name: &str) -> Result<(), CniError> {
     run(Some(ns), move |s| async move {
         let ch = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
         link::del_link_by_name(&ch, &name).await.map(|_| ())
-    })
-}
-
-/// The reaper mode of the twill-bridge binary; `Some(exit code)` when this process is one.
-pub fn reaper_main() -> Option<i32> {
-    let ns = std::env::var_os(REAP_NETNS)?;
-    let link = std::env::var(REAP_LINK).ok()?;
-    Some(match reap(std::path::Path::new(&ns), &link) {
-        Ok(()) => 0,
-        Err(_) => 1,
     })
 }
 
@@ -436,26 +430,31 @@ impl Plugin for Bridge {
         let bc = BridgeConf::load(&req.conf)?;
         // A gone netns (or none given) only skips the link removal: IPAM and masquerade state
         // are released whatever happened to the container.
+        let mut parked = None;
         if let Some(p) = &req.env.netns {
             let ns = netns::open_if_live(p).map_err(|e| {
                 CniError::internal(format!("failed to open netns {:?}: {e}", p.display()))
             })?;
             if let Some(ns) = ns {
                 let ifname = req.env.ifname.clone();
-                let parked = run(Some(ns), move |s| async move {
+                let parked_link = run(Some(ns), move |s| async move {
                     let ch = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
                     link::park_link(&ch, &ifname).await
                 })?;
-                if let Some(name) = parked {
-                    reap_later(p, &name)?;
-                }
+                parked = parked_link.map(|n| (p.clone(), n));
             }
         }
-        ipam_other(req, Command::Del)?;
-        if bc.ip_masq {
-            masq::del(&req.conf.name, &req.env.container_id)?;
+        let released = ipam_other(req, Command::Del).and_then(|()| {
+            if bc.ip_masq {
+                masq::del(&req.conf.name, &req.env.container_id)
+            } else {
+                Ok(())
+            }
+        });
+        if let Some((p, name)) = parked {
+            reap_later(&p, &name)?;
         }
-        Ok(())
+        released
     }
 
     fn check(&self, req: &Request) -> Result<(), CniError> {
