@@ -11,8 +11,10 @@ pub struct Underlay {
     pub index: u32,
     pub name: String,
     pub mtu: u32,
-    /// The address advertised to peers (PublicIP).
+    /// The address advertised to peers (PublicIP); differs from `iface_ip` behind NAT.
     pub public_ip: Ipv4Addr,
+    /// The interface's own address: the VTEP's local (source) address.
+    pub iface_ip: Ipv4Addr,
     /// IPv4 addresses with prefix lengths on the interface (for the same-L2 check).
     pub addrs: Vec<(Ipv4Addr, u8)>,
 }
@@ -59,6 +61,9 @@ pub async fn detect(
         .filter(|(i, _, _)| *i == index)
         .map(|(_, a, l)| (*a, *l))
         .collect();
+    let iface_ip = by_ip
+        .or_else(|| own.first().map(|(a, _)| *a))
+        .ok_or_else(|| Error::Iface(format!("{} has no IPv4 address", link.name)))?;
     let public_ip = match public_ip {
         Some(IpAddr::V4(ip)) => ip,
         Some(IpAddr::V6(ip)) => {
@@ -66,15 +71,14 @@ pub async fn detect(
                 "--public-ip {ip}: IPv6 is not supported"
             )))
         }
-        None => by_ip
-            .or_else(|| own.first().map(|(a, _)| *a))
-            .ok_or_else(|| Error::Iface(format!("{} has no IPv4 address", link.name)))?,
+        None => iface_ip,
     };
     Ok(Underlay {
         index,
         name: link.name,
         mtu: link.mtu,
         public_ip,
+        iface_ip,
         addrs: own,
     })
 }

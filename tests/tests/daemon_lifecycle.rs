@@ -441,3 +441,30 @@ fn compaction_and_missed_events_are_recovered_by_relisting() {
         a.daemon.log()
     );
 }
+
+#[test]
+fn deleted_own_lease_is_reacquired_with_the_same_subnet() {
+    let (ul, etcd) = setup(CONFIG);
+    let a = start(&ul, &etcd, &[]);
+    let b = start(&ul, &etcd, &[]);
+    wait_ready(&a);
+    wait_ready(&b);
+    assert!(wait_for(|| b.sees(&a), WAIT));
+    let (subnet, key) = (a.subnet(), a.key());
+    let rev_before = etcd.revision();
+    etcd.etcdctl(&["del", &key]);
+    // twill's choice (flanneld exits here): take the lease again, preferring the same subnet,
+    // so running pods keep their addresses.
+    assert!(
+        wait_for(
+            || etcd.get(&key).is_some() && etcd.revision() > rev_before + 1,
+            WAIT
+        ),
+        "{}",
+        a.daemon.log()
+    );
+    assert_eq!(a.subnet(), subnet);
+    assert_ne!(etcd.key_lease(&key), 0);
+    assert!(wait_for(|| b.sees(&a), WAIT), "{:?}", b.state());
+    assert!(a.daemon.log().contains("lease was deleted; re-acquiring"));
+}

@@ -177,7 +177,7 @@ impl RoutedBackend {
         }
         id == Some(cfg.vni)
             && link == Some(self.underlay.index)
-            && local == Some(self.underlay.public_ip)
+            && local == Some(self.underlay.iface_ip)
             && port == Some(cfg.port)
             && learning != Some(true)
     }
@@ -219,7 +219,7 @@ impl RoutedBackend {
         self.mac = Some(mac);
         let msg = LinkVxlan::new(&name, cfg.vni)
             .dev(self.underlay.index)
-            .local(self.underlay.public_ip)
+            .local(self.underlay.iface_ip)
             .port(cfg.port)
             .learning(false)
             .mtu(self.mtu())
@@ -241,7 +241,7 @@ impl RoutedBackend {
         info!(
             "created {name} (vni {}, local {}, dev {}, dstport {}, mac {mac}, mtu {})",
             cfg.vni,
-            self.underlay.public_ip,
+            self.underlay.iface_ip,
             self.underlay.name,
             cfg.port,
             self.mtu()
