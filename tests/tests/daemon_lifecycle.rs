@@ -468,3 +468,39 @@ fn deleted_own_lease_is_reacquired_with_the_same_subnet() {
     assert!(wait_for(|| b.sees(&a), WAIT), "{:?}", b.state());
     assert!(a.daemon.log().contains("lease was deleted; re-acquiring"));
 }
+
+#[test]
+fn reservations_are_kept_for_their_node() {
+    let (ul, etcd) =
+        setup(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.2.0"}"#);
+    // A reservation (a key without an etcd lease) for the second node, 192.168.100.2.
+    let rkey = format!("{PREFIX}/subnets/10.5.1.0-24");
+    etcd.etcdctl(&[
+        "put",
+        &rkey,
+        r#"{"PublicIP":"192.168.100.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:02"}}"#,
+    ]);
+    let a = start(&ul, &etcd, &[]);
+    wait_ready(&a);
+    assert_eq!(a.node.ip.to_string(), "192.168.100.1");
+    assert_eq!(
+        a.subnet().to_string(),
+        "10.5.2.0/24",
+        "nobody else takes a reservation"
+    );
+    let b = start(&ul, &etcd, &[]);
+    wait_ready(&b);
+    assert_eq!(
+        b.subnet().to_string(),
+        "10.5.1.0/24",
+        "the reserved node uses it"
+    );
+    assert_eq!(etcd.key_lease(&rkey), 0, "it stays a reservation");
+    let v: serde_json::Value = serde_json::from_str(&etcd.get(&rkey).unwrap()).unwrap();
+    assert_eq!(
+        v["BackendData"]["VtepMAC"],
+        b.mac(),
+        "with the node's real VtepMAC"
+    );
+    assert!(wait_for(|| a.sees(&b) && b.sees(&a), WAIT));
+}
