@@ -211,7 +211,11 @@ fn main() {
             );
             !out.stdout.is_empty()
         });
-        assert!(seen, "route for {subnet} never appeared; log:\n{}", daemon.log());
+        assert!(
+            seen,
+            "route for {subnet} never appeared; log:\n{}",
+            daemon.log()
+        );
         lat.push(t0.elapsed());
     }
     lat.sort();
