@@ -189,6 +189,8 @@ struct Daemon<S: SubnetStore, B: Backend, R: Rules> {
     rules_ok: bool,
     conflist_ok: bool,
     synced: bool,
+    last_conflist_attempt: Option<Instant>,
+    last_conflist_error: String,
 }
 
 impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
@@ -214,6 +216,8 @@ impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
             rules_ok: false,
             conflist_ok: false,
             synced: false,
+            last_conflist_attempt: None,
+            last_conflist_error: String::new(),
         }
     }
 
@@ -396,27 +400,49 @@ impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
         Ok(())
     }
 
-    /// Writes the conflist once everything it promises is in place.
-    fn try_conflist(&mut self) {
+    /// Writes the conflist once everything it promises is in place. Probing the plugins
+    /// runs them, so it happens on a blocking thread and at most once a second.
+    async fn try_conflist(&mut self) {
         if !(self.subnet_env_ok && self.backend_ok && self.synced && self.rules_ok) {
             return;
         }
-        let paths = CniPaths {
-            conf_dir: &self.args.cni_conf_dir,
-            bin_dir: &self.args.cni_bin_dir,
-            data_dir: &self.args.cni_data_dir,
-            subnet_file: &self.args.subnet_file,
-        };
-        match cni_conf::write(&paths) {
+        if self
+            .last_conflist_attempt
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_conflist_attempt = Some(Instant::now());
+        let (conf, bin, data, subnet) = (
+            self.args.cni_conf_dir.clone(),
+            self.args.cni_bin_dir.clone(),
+            self.args.cni_data_dir.clone(),
+            self.args.subnet_file.clone(),
+        );
+        let result = tokio::task::spawn_blocking(move || {
+            cni_conf::write(&CniPaths {
+                conf_dir: &conf,
+                bin_dir: &bin,
+                data_dir: &data,
+                subnet_file: &subnet,
+            })
+        })
+        .await
+        .map_err(|e| Error::Backend(format!("conflist task: {e}")))
+        .and_then(|r| r);
+        match result {
             Ok(p) => {
                 if !self.conflist_ok {
                     info!(path = %p.display(), "CNI config written; the node can turn Ready");
                 }
                 self.conflist_ok = true;
+                self.last_conflist_error.clear();
             }
             Err(e) => {
-                if self.conflist_ok || !self.metrics.is_ready() {
-                    error!("NOT writing the CNI config, the node stays NotReady: {e}");
+                let msg = e.to_string();
+                if msg != self.last_conflist_error {
+                    error!("NOT writing the CNI config, the node stays NotReady: {msg}");
+                    self.last_conflist_error = msg;
                 }
                 self.conflist_ok = false;
             }
@@ -462,7 +488,7 @@ impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
                         StoreUpdate::Snapshot(list) => self.on_snapshot(list).await?,
                         StoreUpdate::Events(evs) => self.on_events(evs).await?,
                     }
-                    self.try_conflist_if_needed();
+                    self.try_conflist_if_needed().await;
                 }
                 _ = sleep_until(next_renew) => {
                     next_renew = Instant::now() + self.renew().await;
@@ -479,9 +505,9 @@ impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
         }
     }
 
-    fn try_conflist_if_needed(&mut self) {
+    async fn try_conflist_if_needed(&mut self) {
         if !self.conflist_ok {
-            self.try_conflist();
+            self.try_conflist().await;
         }
         self.update_ready();
     }
@@ -570,7 +596,8 @@ impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
                 .exists()
         {
             self.conflist_ok = false;
-            self.try_conflist();
+            self.last_conflist_attempt = None;
+            self.try_conflist().await;
         }
     }
 }
