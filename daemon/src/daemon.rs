@@ -601,3 +601,122 @@ impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::lease::Mac;
+
+    /// A store where another node wins the next `steal` creations (it writes the key first).
+    #[derive(Clone)]
+    struct RacyStore {
+        leases: Arc<Mutex<Vec<Lease>>>,
+        steal: Arc<Mutex<u32>>,
+    }
+
+    impl RacyStore {
+        fn new(steal: u32) -> RacyStore {
+            RacyStore {
+                leases: Arc::new(Mutex::new(Vec::new())),
+                steal: Arc::new(Mutex::new(steal)),
+            }
+        }
+    }
+
+    fn attrs(last: u8) -> LeaseAttrs {
+        LeaseAttrs::vxlan(
+            std::net::Ipv4Addr::new(192, 168, 0, last),
+            1,
+            Mac([2, 0, 0, 0, 0, last]),
+        )
+    }
+
+    impl SubnetStore for RacyStore {
+        async fn get_config(&self) -> Result<Option<String>> {
+            Ok(None)
+        }
+        async fn list(&self) -> Result<(Vec<Lease>, i64)> {
+            Ok((self.leases.lock().unwrap().clone(), 1))
+        }
+        async fn create(
+            &self,
+            subnet: Ipv4Network,
+            a: &LeaseAttrs,
+            _ttl: i64,
+        ) -> Result<Option<Lease>> {
+            let mut steal = self.steal.lock().unwrap();
+            let mut leases = self.leases.lock().unwrap();
+            if *steal > 0 {
+                *steal -= 1;
+                leases.push(Lease {
+                    subnet,
+                    attrs: attrs(99),
+                    etcd_lease: 7,
+                    mod_revision: 1,
+                });
+                return Ok(None);
+            }
+            let l = Lease {
+                subnet,
+                attrs: a.clone(),
+                etcd_lease: 8,
+                mod_revision: 2,
+            };
+            leases.push(l.clone());
+            Ok(Some(l))
+        }
+        async fn update(&self, old: &Lease, a: &LeaseAttrs, _ttl: i64) -> Result<Option<Lease>> {
+            Ok(Some(Lease {
+                attrs: a.clone(),
+                ..old.clone()
+            }))
+        }
+        async fn delete(&self, _: &Lease) -> Result<()> {
+            Ok(())
+        }
+        async fn keep_alive(&self, _: i64) -> Result<bool> {
+            Ok(true)
+        }
+        async fn watch(&self, _: mpsc::Sender<StoreUpdate>, _: Arc<Metrics>) {}
+    }
+
+    fn cfg(s: &str) -> NetworkConfig {
+        NetworkConfig::parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_lost_race_retries_with_another_subnet() {
+        let c = cfg(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.3.0"}"#);
+        let store = RacyStore::new(2);
+        let l = acquire(&store, &c, &attrs(1), None, 60).await.unwrap();
+        let all = store.leases.lock().unwrap().clone();
+        assert_eq!(all.len(), 3, "two lost races, then a win");
+        let lost: Vec<_> = all
+            .iter()
+            .filter(|x| x.attrs.public_ip != attrs(1).public_ip)
+            .collect();
+        assert!(lost.iter().all(|x| x.subnet != l.subnet));
+        assert_eq!(l.attrs, attrs(1));
+    }
+
+    #[tokio::test]
+    async fn losing_the_last_subnet_is_out_of_subnets() {
+        let c = cfg(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.1.0"}"#);
+        let store = RacyStore::new(1);
+        let e = acquire(&store, &c, &attrs(1), None, 60).await.unwrap_err();
+        assert!(matches!(e, Error::OutOfSubnets), "{e}");
+    }
+
+    #[tokio::test]
+    async fn endless_races_give_up() {
+        let c = cfg(r#"{"Network":"10.5.0.0/16"}"#);
+        let store = RacyStore::new(u32::MAX);
+        let e = acquire(&store, &c, &attrs(1), None, 60).await.unwrap_err();
+        assert!(
+            matches!(e, Error::RaceRetriesExhausted(RACE_RETRIES)),
+            "{e}"
+        );
+    }
+}
