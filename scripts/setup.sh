@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 pkgs=(iproute2 iptables nftables etcd-server etcd-client containernetworking-plugins
       protobuf-compiler golang-go golang-github-appc-cni-dev iputils-ping iperf3
-      ethtool kmod procps python3-pip ca-certificates openssl)
+      ethtool kmod procps python3-pip ca-certificates openssl curl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
