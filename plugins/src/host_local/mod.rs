@@ -273,6 +273,75 @@ mod tests {
         }
     }
 
+    fn call(dir: &std::path::Path, id: &str, extra: serde_json::Value) -> (NetConf, Env) {
+        let mut c = serde_json::json!({"cniVersion":"1.1.0","name":"unit","type":"twill-host-local",
+            "ipam":{"type":"twill-host-local","subnet":"10.9.0.0/29","dataDir":dir}});
+        if let (Some(o), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        let env = Env::from_lookup(|k| match k {
+            "CNI_COMMAND" => Some("ADD".into()),
+            "CNI_CONTAINERID" => Some(id.into()),
+            "CNI_NETNS" => Some("/x".into()),
+            "CNI_IFNAME" => Some("eth0".into()),
+            "CNI_PATH" => Some("/x".into()),
+            _ => None,
+        })
+        .unwrap();
+        (NetConf::parse(c.to_string().as_bytes()).unwrap(), env)
+    }
+
+    #[test]
+    fn allocate_request_exhaust_release_gc() {
+        let dir = std::env::temp_dir().join(format!("twill-hl-unit-{}", std::process::id()));
+        let ip = |r: &CniResult| r.ips[0].address.ip().to_string();
+        let (c, e) = call(&dir, "a", serde_json::json!({}));
+        assert_eq!(ip(&add(&c, &e).unwrap()), "10.9.0.2");
+        assert!(add(&c, &e)
+            .unwrap_err()
+            .msg
+            .contains("duplicate allocation"));
+        let (c, e) = call(
+            &dir,
+            "b",
+            serde_json::json!({"args":{"cni":{"ips":["10.9.0.5"]}}}),
+        );
+        assert_eq!(ip(&add(&c, &e).unwrap()), "10.9.0.5");
+        let (c, e) = call(&dir, "c", serde_json::json!({}));
+        assert_eq!(
+            ip(&add(&c, &e).unwrap()),
+            "10.9.0.6",
+            "round-robin continues after the last reservation"
+        );
+        for id in ["d", "e"] {
+            let (c, e) = call(&dir, id, serde_json::json!({}));
+            add(&c, &e).unwrap();
+        }
+        let (c, e) = call(&dir, "g", serde_json::json!({}));
+        let err = add(&c, &e).unwrap_err();
+        assert_eq!(err.code, code::POOL_EXHAUSTED, "{err}");
+        assert_eq!(status(&c, &e).unwrap_err().code, code::NOT_AVAILABLE);
+        let (c, e) = call(&dir, "a", serde_json::json!({}));
+        del(&c, &e).unwrap();
+        del(&c, &e).unwrap();
+        status(&c, &e).unwrap();
+        let (c, e) = call(
+            &dir,
+            "x",
+            serde_json::json!({"cni.dev/valid-attachments":[{"containerID":"b","ifname":"eth0"}]}),
+        );
+        gc(&c, &e).unwrap();
+        let left: Vec<String> = Store::open(&dir.join("unit"))
+            .unwrap()
+            .list()
+            .unwrap()
+            .iter()
+            .map(|r| r.container_id.clone())
+            .collect();
+        assert_eq!(left, ["b"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn round_robin_wraps_once() {
         let set = vec![r("10.0.0.2", "10.0.0.4"), r("10.0.0.10", "10.0.0.11")];
