@@ -128,7 +128,7 @@ fn bridge_dual_stack_reaches_both_gateways() {
     let pod = Netns::new("pd");
     let data = tempfile::tempdir().unwrap();
     let conf = json!({
-        "cniVersion": "1.0.0", "name": "twds", "type": "twill-bridge", "bridge": "twdsbr0", "isDefaultGateway": true,
+        "cniVersion": "1.0.0", "name": "twds", "type": "twill-bridge", "bridge": "twdsbr0", "isDefaultGateway": true, "ipMasq": true,
         "ipam": {"type": "twill-host-local", "dataDir": data.path(),
                  "ranges": [[{"subnet": "10.202.0.0/24"}], [{"subnet": "fd20:202::/64"}]]},
         "runtimeConfig": {"mac": "02:42:0a:ca:00:09"}
@@ -144,6 +144,13 @@ fn bridge_dual_stack_reaches_both_gateways() {
     let r = parse_as("1.0.0", &add, true);
     assert_eq!(r.ips.len(), 2);
     assert_eq!(add["interfaces"][2]["mac"], "02:42:0a:ca:00:09");
+    let rules = node.exec(&["nft", "list", "chain", "inet", "twill_masq", "postrouting"]);
+    assert_eq!(
+        rules.matches("twill:twds:ds1").count(),
+        2,
+        "one masquerade rule per family: {rules}"
+    );
+    assert!(rules.contains("ip6 daddr != fd20:202::/64"), "{rules}");
     assert!(pod
         .exec(&["ip", "link", "show", "eth0"])
         .contains("02:42:0a:ca:00:09"));
@@ -175,6 +182,8 @@ fn bridge_dual_stack_reaches_both_gateways() {
     )
     .ok();
     assert!(reservations(data.path(), "twds").is_empty());
+    let rules = node.exec(&["nft", "list", "chain", "inet", "twill_masq", "postrouting"]);
+    assert!(!rules.contains("twill:twds:ds1"), "{rules}");
 }
 
 #[test]
