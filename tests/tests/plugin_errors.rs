@@ -236,3 +236,58 @@ fn existing_ifname_fails_and_rolls_back() {
     let rules = node.output(&["nft", "list", "ruleset"]);
     assert!(!String::from_utf8_lossy(&rules.stdout).contains("twill:twerr:dup1"));
 }
+
+#[test]
+fn bridge_with_another_address_needs_force_address() {
+    let node = Netns::new("nf");
+    let pod = Netns::new("pf");
+    let data = tempfile::tempdir().unwrap();
+    let mut c = base(data.path());
+    c["bridge"] = json!("twfabr0");
+    c["ipam"]["subnet"] = json!("10.222.0.0/24");
+    // A node that rejoined with a new pod CIDR: the bridge still carries the old gateway.
+    node.exec(&["ip", "link", "add", "twfabr0", "type", "bridge"]);
+    node.exec(&["ip", "addr", "add", "10.222.9.1/24", "dev", "twfabr0"]);
+    node.exec(&["ip", "link", "set", "twfabr0", "up"]);
+    let bin = twill("twill-bridge");
+    let r = exec(
+        Some(&node),
+        &bin,
+        &Invocation::new("ADD", "fa1", &pod.path()),
+        &c,
+    );
+    assert_eq!(r.err_code(), 999);
+    assert!(
+        r.stdout
+            .contains("already has an IP address different from"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        twill_tests::cni::reservations(data.path(), "twerr").is_empty(),
+        "IPAM rolled back"
+    );
+    assert!(!pod.has_link("eth0"));
+    let rules = node.output(&["nft", "list", "ruleset"]);
+    assert!(!String::from_utf8_lossy(&rules.stdout).contains("twill:twerr:fa1"));
+    c["forceAddress"] = json!(true);
+    exec(
+        Some(&node),
+        &bin,
+        &Invocation::new("ADD", "fa1", &pod.path()),
+        &c,
+    )
+    .ok();
+    let addrs = node.exec(&["ip", "-4", "-o", "addr", "show", "dev", "twfabr0"]);
+    assert!(
+        addrs.contains("10.222.0.1/24") && !addrs.contains("10.222.9.1"),
+        "{addrs}"
+    );
+    exec(
+        Some(&node),
+        &bin,
+        &Invocation::new("DEL", "fa1", &pod.path()),
+        &c,
+    )
+    .ok();
+}
