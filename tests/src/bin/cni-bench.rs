@@ -164,6 +164,10 @@ fn main() {
             "ratio", par, r[0], r[1], r[2], r[3]
         );
     }
+    println!("note: twill's DEL returns once the pod link is down and renamed (the pod has no eth0 any more);");
+    println!(
+        "      the kernel's veth free (an RCU barrier, ~15-20 ms) finishes in a forked reaper."
+    );
     println!();
     println!(
         "{:<28} {:>12} {:>28} {:>12}",
