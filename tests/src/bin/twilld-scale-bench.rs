@@ -70,7 +70,7 @@ fn lease(i: u32) -> (String, String, String) {
 }
 
 /// POSTs JSON to etcd's gateway from inside the underlay namespace.
-fn gateway(ul: &Underlay, etcd: &Etcd, path: &str, body: &str) -> String {
+fn gateway(ul: &Underlay, etcd: &Etcd, path: &str, body: &str) -> Result<String, String> {
     let url = format!("{}{path}", etcd.endpoint());
     let out = twill_tests::sh::run_with_input(
         &[
@@ -89,15 +89,21 @@ fn gateway(ul: &Underlay, etcd: &Etcd, path: &str, body: &str) -> String {
         &[],
         body.as_bytes(),
     );
-    assert!(
-        out.status.success(),
-        "POST {path} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    if !out.status.success() {
+        return Err(format!(
+            "POST {path} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn put_leases(ul: &Underlay, etcd: &Etcd, range: std::ops::RangeInclusive<u32>, lease_id: &str) {
+fn put_leases(
+    ul: &Underlay,
+    etcd: &Etcd,
+    range: std::ops::RangeInclusive<u32>,
+    lease_id: &str,
+) -> Result<(), String> {
     let all: Vec<u32> = range.collect();
     for chunk in all.chunks(100) {
         let ops: Vec<String> = chunk
@@ -116,8 +122,9 @@ fn put_leases(ul: &Underlay, etcd: &Etcd, range: std::ops::RangeInclusive<u32>, 
             etcd,
             "/v3/kv/txn",
             &format!(r#"{{"success":[{}]}}"#, ops.join(",")),
-        );
+        )?;
     }
+    Ok(())
 }
 
 fn metric(ns: &str, port: u16, name: &str) -> Option<u64> {
@@ -143,8 +150,19 @@ fn count_lines(ns: &str, argv: &[&str]) -> usize {
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
-fn main() {
-    let args = Args::parse();
+/// Release builds abort on panic (no destructors), so failures are returned: the namespaces,
+/// etcd and twilld are then removed by their guards before the exit.
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("twilld-scale-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
     let n = args.leases;
     let ul = Underlay::new();
     let etcd = Etcd::start_in(ul.ns_name(), &ul.etcd_ip().to_string());
@@ -153,11 +171,15 @@ fn main() {
         &format!("{PREFIX}/config"),
         r#"{"Network":"10.0.0.0/8"}"#,
     ]);
-    let grant = gateway(&ul, &etcd, "/v3/lease/grant", r#"{"TTL":3600}"#);
-    let v: serde_json::Value = serde_json::from_str(&grant).expect("grant json");
-    let lease_id = v["ID"].as_str().expect("lease ID").to_string();
+    let grant = gateway(&ul, &etcd, "/v3/lease/grant", r#"{"TTL":3600}"#)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&grant).map_err(|e| format!("lease grant reply: {e}"))?;
+    let lease_id = v["ID"]
+        .as_str()
+        .ok_or_else(|| format!("no lease ID in {grant}"))?
+        .to_string();
     let t = Instant::now();
-    put_leases(&ul, &etcd, 1..=n, &lease_id);
+    put_leases(&ul, &etcd, 1..=n, &lease_id)?;
     println!("wrote {n} leases in {:.2} s", t.elapsed().as_secs_f64());
 
     let node = ul.add_node();
@@ -171,17 +193,18 @@ fn main() {
         &etcd.endpoint(),
         &["--iface=eth0", "--healthz-ip=127.0.0.1", &port_arg],
     );
-    let pid = daemon.pid().expect("twilld pid");
+    let pid = daemon.pid().ok_or("twilld has no pid")?;
     let all = wait_for(
         || metric(node.name(), port, "twill_peers_programmed") == Some(n as u64),
         Duration::from_secs(120),
     );
     let startup = started.elapsed();
-    assert!(
-        all,
-        "twilld never programmed all {n} peers; log:\n{}",
-        daemon.log()
-    );
+    if !all {
+        return Err(format!(
+            "twilld never programmed all {n} peers; log:\n{}",
+            daemon.log()
+        ));
+    }
     let routes = count_lines(
         node.name(),
         &["ip", "-4", "route", "show", "dev", "twill.1"],
@@ -191,10 +214,11 @@ fn main() {
         &["ip", "-4", "neigh", "show", "dev", "twill.1"],
     );
     let fdb = count_lines(node.name(), &["bridge", "fdb", "show", "dev", "twill.1"]);
-    assert!(
-        routes == n as usize && neigh == n as usize && fdb >= n as usize,
-        "kernel has {routes} routes, {neigh} neighbours, {fdb} FDB entries for {n} peers"
-    );
+    if !(routes == n as usize && neigh == n as usize && fdb >= n as usize) {
+        return Err(format!(
+            "kernel has {routes} routes, {neigh} neighbours, {fdb} FDB entries for {n} peers"
+        ));
+    }
 
     // One new lease at a time: write it, poll for its route.
     let mut lat = Vec::new();
@@ -203,7 +227,7 @@ fn main() {
         let i = 65_000 - s;
         let (_, _, subnet) = lease(i);
         let t0 = Instant::now();
-        put_leases(&ul, &etcd, i..=i, &lease_id);
+        put_leases(&ul, &etcd, i..=i, &lease_id)?;
         let seen = wait_for_fast(|| {
             let out = twill_tests::sh::output_in(
                 node.name(),
@@ -211,16 +235,17 @@ fn main() {
             );
             !out.stdout.is_empty()
         });
-        assert!(
-            seen,
-            "route for {subnet} never appeared; log:\n{}",
-            daemon.log()
-        );
+        if !seen {
+            return Err(format!(
+                "route for {subnet} never appeared; log:\n{}",
+                daemon.log()
+            ));
+        }
         lat.push(t0.elapsed());
     }
     lat.sort();
-    let median = lat[lat.len() / 2];
-    let max = *lat.last().expect("samples");
+    let median = lat.get(lat.len() / 2).copied().unwrap_or_default();
+    let max = lat.last().copied().unwrap_or_default();
     let hwm = vm_hwm_kib(pid).unwrap_or(0);
     daemon.terminate();
 
@@ -247,6 +272,7 @@ fn main() {
         hwm as f64 / 1024.0,
         hwm as f64 / 1024.0 / 20.0
     );
+    Ok(())
 }
 
 /// Polls every 2 ms for up to 10 s.
