@@ -75,6 +75,11 @@ fn bridge_every_verb_every_version() {
             .contains(&ip));
         // The gateway answers: the packet crosses veth and bridge.
         pod.exec(&["ping", "-c1", "-W2", "10.201.0.1"]);
+        let ports = node.exec(&["bridge", "-d", "link", "show", "master", "twvbr0"]);
+        assert!(
+            ports.contains("hairpin on") && ports.contains("state forwarding"),
+            "{ports}"
+        );
         assert_eq!(reservations(data.path(), "twv").len(), 1);
 
         let check = exec(
