@@ -138,7 +138,7 @@ fn ipam_other(req: &Request, cmd: Command) -> Result<(), CniError> {
 
 fn first_host(net: &IpNetwork) -> IpAddr {
     let (first, _) = crate::ipnet::bounds(net);
-    from_u128(first + 1, net.is_ipv4())
+    from_u128(first.saturating_add(1), net.is_ipv4())
 }
 
 /// Fills gateways and the container index, and adds default routes for isDefaultGateway.

@@ -63,7 +63,7 @@ impl Range {
 
     /// Addresses allocatable from this range (the gateway excluded).
     pub fn size(&self) -> u128 {
-        let n = to_u128(self.end) - to_u128(self.start) + 1;
+        let n = (to_u128(self.end) - to_u128(self.start)).saturating_add(1);
         match self.gateway {
             Some(g) if self.contains(g) => n - 1,
             _ => n,
