@@ -98,7 +98,12 @@ fn two_nodes_flannel_schema_kernel_state_and_ping() {
         &etcd,
         &["--healthz-ip=127.0.0.1", "--healthz-port=18081"],
     );
-    let b = start(&ul, &etcd, &[]);
+    // b also lists a dead endpoint first, as flanneld's default endpoint list does.
+    let b = start(
+        &ul,
+        &etcd,
+        &["--etcd-endpoints=http://192.168.100.254:4001"],
+    );
     wait_ready(&a);
     wait_ready(&b);
 
