@@ -29,9 +29,8 @@ if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
 fi
 
 # cniharness: a container runtime's view (reference libcni), built offline from Debian's packages.
-harness_src=../shared/tools/cniharness
-if ! command -v cniharness >/dev/null && [ -x "$harness_src/build.sh" ]; then
-  "$harness_src/build.sh" /usr/local/bin/cniharness >/dev/null
+if ! command -v cniharness >/dev/null; then
+  bash tests/cniharness/build.sh /usr/local/bin/cniharness >/dev/null
 fi
 
 # VXLAN and bridge netfilter modules (no-ops where built in).
