@@ -807,7 +807,22 @@ impl Lab {
         Ok(ns)
     }
 
-    /// Removes a namespace made by [`Lab::add_underlay_ns`].
+    /// Creates an empty namespace recorded like [`Lab::add_underlay_ns`]'s (for benches).
+    pub fn add_extra_ns(&mut self, suffix: &str) -> Result<String> {
+        let ns = format!("{}-{}", self.name(), suffix);
+        check_free(&ns)?;
+        self.st.extra_ns.push(ns.clone());
+        self.save()?;
+        add_netns(&ns)?;
+        Ok(ns)
+    }
+
+    /// Namespaces made by [`Lab::add_underlay_ns`] and [`Lab::add_extra_ns`].
+    pub fn extra_namespaces(&self) -> &[String] {
+        &self.st.extra_ns
+    }
+
+    /// Removes a namespace made by [`Lab::add_underlay_ns`] or [`Lab::add_extra_ns`].
     pub fn del_extra_ns(&mut self, ns: &str) -> Result<()> {
         del_netns(ns)?;
         // Its underlay port died with the veth; nothing else to clean.
