@@ -388,7 +388,7 @@ pub fn run(
     let (env_a, env_b) = (env(&nodes[0].name)?, env(&nodes[1].name)?);
     let mtu = env_a.mtu;
     let made_before: BTreeSet<String> = lab_extra(lab);
-    let result = (|| {
+    let result = (|| -> Result<Vec<PathResult>> {
         // Hand pair without rules (10.99.1/2) and with twilld's table (10.99.3/4).
         let ha = hand_node(lab, "ha", 1, mtu)?;
         let hb = hand_node(lab, "hb", 2, mtu)?;
@@ -473,7 +473,7 @@ pub fn run(
         Ok(results)
     })();
     // Remove the hand-made namespaces whatever happened (the lab's `down` would too).
-    let mut cleanup = Ok(());
+    let mut cleanup: Result<()> = Ok(());
     for ns in lab_extra(lab).difference(&made_before) {
         if let Err(e) = lab.del_extra_ns(ns) {
             cleanup = Err(e);
