@@ -222,6 +222,7 @@ pub fn host_veths(node: &Netns) -> Vec<String> {
         .lines()
         .filter_map(|l| l.split(": ").nth(1))
         .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| n.starts_with("veth"))
         .collect()
 }
 
