@@ -4,4 +4,5 @@ pub mod cni;
 pub mod fsutil;
 pub mod netlink;
 pub mod netns;
+pub mod nft;
 pub mod subnet_env;

@@ -7,8 +7,6 @@
 //! plus FORWARD accept for the pod network.
 
 use std::future::Future;
-use std::io::Write;
-use std::process::{Command, Stdio};
 
 use ipnetwork::Ipv4Network;
 use tracing::{info, warn};
@@ -27,7 +25,6 @@ pub trait Rules: Send {
 }
 
 pub const TABLE: &str = "twill";
-const NFT: &str = "nft";
 
 /// The nftables script (typed inputs only: CIDRs rendered by ipnetwork).
 pub fn render(network: Ipv4Network, subnet: Ipv4Network, masquerade: bool) -> String {
@@ -51,32 +48,8 @@ pub fn render(network: Ipv4Network, subnet: Ipv4Network, masquerade: bool) -> St
 }
 
 fn nft(args: &[&str], stdin: Option<&str>) -> Result<String> {
-    let mut child = Command::new(NFT)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| Error::Nft(format!("cannot run {NFT}: {e}")))?;
-    if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
-        w.write_all(text.as_bytes())
-            .map_err(|e| Error::Nft(format!("writing to {NFT}: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| Error::Nft(format!("waiting for {NFT}: {e}")))?;
-    if !out.status.success() {
-        return Err(Error::Nft(format!(
-            "nft {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = twill_common::nft::run(args, stdin).map_err(|e| Error::Nft(e.to_string()))?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 async fn nft_async(args: Vec<String>, stdin: Option<String>) -> Result<String> {

@@ -5,12 +5,10 @@
 //! Driven with `nft -f -`; every interpolated value is a parsed address/prefix or a
 //! name that passed the CNI name regex (`[A-Za-z0-9][A-Za-z0-9_.-]*`).
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use ipnetwork::IpNetwork;
 use serde_json::Value;
 use twill_common::cni::{Attachment, CniError};
+use twill_common::nft;
 
 const TABLE: &str = "twill_masq";
 const CHAIN: &str = "postrouting";
@@ -44,33 +42,8 @@ fn network_prefixes(network: &str) -> [String; 2] {
     ]
 }
 
-fn nft(args: &[&str], stdin: Option<&str>) -> Result<Vec<u8>, CniError> {
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| CniError::internal(format!("exec nft: {e}")))?;
-    if let (Some(text), Some(mut si)) = (stdin, child.stdin.take()) {
-        si.write_all(text.as_bytes())
-            .map_err(|e| CniError::internal(format!("write to nft: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| CniError::internal(format!("wait nft: {e}")))?;
-    if !out.status.success() {
-        return Err(CniError::internal(format!(
-            "nft {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(out.stdout)
+fn run_nft(args: &[&str], stdin: Option<&str>) -> Result<Vec<u8>, CniError> {
+    nft::run(args, stdin).map_err(|e| CniError::internal(e.to_string()))
 }
 
 /// Adds one masquerade rule per address: `saddr ip, daddr outside its subnet and not multicast`.
@@ -95,17 +68,15 @@ pub fn add(network: &str, container_id: &str, addrs: &[IpNetwork]) -> Result<(),
             ip = a.ip()
         ));
     }
-    nft(&["-f", "-"], Some(&script)).map(|_| ())
+    run_nft(&["-f", "-"], Some(&script)).map(|_| ())
 }
 
 /// (handle, comment) of every rule in the chain; empty when the table does not exist.
 fn rules() -> Result<Vec<(u64, String)>, CniError> {
-    let out = match nft(&["-j", "list", "chain", "inet", TABLE, CHAIN], None) {
+    let out = match nft::run(&["-j", "list", "chain", "inet", TABLE, CHAIN], None) {
         Ok(o) => o,
-        Err(e) if e.msg.contains("No such file") || e.msg.contains("does not exist") => {
-            return Ok(Vec::new())
-        }
-        Err(e) => return Err(e),
+        Err(e) if e.is_not_found() => return Ok(Vec::new()),
+        Err(e) => return Err(CniError::internal(e.to_string())),
     };
     let v: Value = serde_json::from_slice(&out)
         .map_err(|e| CniError::internal(format!("parse nft output: {e}")))?;
@@ -134,7 +105,7 @@ fn delete_handles(handles: &[u64]) -> Result<(), CniError> {
         .iter()
         .map(|h| format!("delete rule inet {TABLE} {CHAIN} handle {h}\n"))
         .collect();
-    nft(&["-f", "-"], Some(&script)).map(|_| ())
+    run_nft(&["-f", "-"], Some(&script)).map(|_| ())
 }
 
 /// Removes the rules of one attachment; nothing to remove is success.
