@@ -399,3 +399,128 @@ pub fn ping_from(ns: &Netns, src: &str, dst: &str) -> bool {
         .status
         .success()
 }
+
+/// etcd prefix of flannel's key schema, which twilld shares.
+pub const FLANNEL_PREFIX: &str = "/coreos.com/network";
+/// twilld's VXLAN device (VNI 1).
+pub const VTEP: &str = "twill.1";
+/// How long [`Member::wait_ready`] waits for a node to become ready.
+pub const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Underlay {
+    /// etcd inside the underlay namespace at [`Underlay::etcd_ip`], holding `network_config`
+    /// under `<FLANNEL_PREFIX>/config` when given.
+    pub fn start_etcd(&self, network_config: Option<&str>) -> crate::etcd::Etcd {
+        let etcd = crate::etcd::Etcd::start_in(self.ns_name(), &self.etcd_ip().to_string());
+        if let Some(c) = network_config {
+            etcd.etcdctl(&["put", &format!("{FLANNEL_PREFIX}/config"), c]);
+        }
+        etcd
+    }
+}
+
+/// One twill node of an underlay test: a node namespace, its [`NodeDirs`] and the `twilld`
+/// running there (killed on drop, the namespace deleted).
+///
+/// ```ignore
+/// let ul = Underlay::new();
+/// let etcd = ul.start_etcd(Some(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#));
+/// let a = Member::start(&ul, &etcd, &[]);
+/// a.wait_ready();
+/// println!("{} leased {}", a.node.name(), a.subnet());
+/// ```
+pub struct Member {
+    pub node: Node,
+    pub dirs: NodeDirs,
+    pub daemon: Twilld,
+}
+
+impl Member {
+    /// Adds a node to `ul` and runs `twilld --iface=eth0 <extra>` there, with fresh dirs.
+    pub fn start(ul: &Underlay, etcd: &crate::etcd::Etcd, extra: &[&str]) -> Member {
+        Member::start_with(ul, etcd, NodeDirs::new(), extra)
+    }
+
+    /// [`Member::start`] with prepared `dirs` (e.g. a plugin replaced by a stand-in).
+    pub fn start_with(
+        ul: &Underlay,
+        etcd: &crate::etcd::Etcd,
+        dirs: NodeDirs,
+        extra: &[&str],
+    ) -> Member {
+        let node = ul.add_node();
+        let daemon = Twilld::start(node.name(), &dirs, &etcd.endpoint(), &Member::args(extra));
+        Member { node, dirs, daemon }
+    }
+
+    /// Replaces the daemon by a new `twilld --iface=eth0 <extra>` on the same node and dirs.
+    pub fn restart(&mut self, etcd: &crate::etcd::Etcd, extra: &[&str]) {
+        self.daemon = Twilld::start(
+            self.node.name(),
+            &self.dirs,
+            &etcd.endpoint(),
+            &Member::args(extra),
+        );
+    }
+
+    fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["--iface=eth0"];
+        args.extend_from_slice(extra);
+        args
+    }
+
+    /// Waits until the node wrote its subnet.env and CNI config (the kubelet's Ready signal);
+    /// panics with the daemon's log after [`READY_TIMEOUT`].
+    pub fn wait_ready(&self) {
+        assert!(
+            wait_for(
+                || self.dirs.conflist().exists() && self.dirs.subnet().is_some(),
+                READY_TIMEOUT
+            ),
+            "{} never got ready; log:\n{}",
+            self.node.name(),
+            self.daemon.log()
+        );
+    }
+
+    /// The leased subnet from subnet.env; panics when there is none yet.
+    pub fn subnet(&self) -> ipnetwork::Ipv4Network {
+        self.dirs.subnet().expect("subnet.env")
+    }
+
+    /// The subnet.env text ("" when missing).
+    pub fn env(&self) -> String {
+        std::fs::read_to_string(self.dirs.subnet_file()).unwrap_or_default()
+    }
+
+    /// The MAC address of the node's [`VTEP`].
+    pub fn mac(&self) -> String {
+        self.node
+            .ns
+            .exec(&["cat", &format!("/sys/class/net/{VTEP}/address")])
+            .trim()
+            .to_string()
+    }
+
+    /// The etcd key of this node's lease.
+    pub fn lease_key(&self) -> String {
+        let s = self.subnet();
+        format!("{FLANNEL_PREFIX}/subnets/{}-{}", s.network(), s.prefix())
+    }
+
+    /// Whether this node's [`VTEP`] has `peer`'s neighbour, FDB and route entries.
+    pub fn sees(&self, peer: &Member) -> bool {
+        has_vxlan_peer(
+            &self.node.ns,
+            VTEP,
+            &peer.subnet().to_string(),
+            &peer.mac(),
+            &peer.node.ip.to_string(),
+        )
+    }
+
+    /// [`vtep_state`] of this node's [`VTEP`].
+    pub fn vtep_state(&self) -> (String, String, String) {
+        vtep_state(&self.node.ns, VTEP)
+    }
+}

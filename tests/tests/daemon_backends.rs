@@ -6,57 +6,23 @@ use std::time::Duration;
 
 use twill_tests::etcd::Etcd;
 use twill_tests::underlay::{
-    add_pod_bridge, ping_from, vtep_state, wait_for, Node, NodeDirs, Twilld, Underlay,
+    add_pod_bridge, ping_from, vtep_state, wait_for, Member, NodeDirs, Underlay, FLANNEL_PREFIX,
 };
 
-const PREFIX: &str = "/coreos.com/network";
 const WAIT: Duration = Duration::from_secs(30);
 
-struct Member {
-    node: Node,
-    dirs: NodeDirs,
-    daemon: Twilld,
-}
-
-impl Member {
-    fn subnet(&self) -> ipnetwork::Ipv4Network {
-        self.dirs.subnet().expect("subnet.env")
-    }
-    fn env(&self) -> String {
-        std::fs::read_to_string(self.dirs.subnet_file()).unwrap_or_default()
-    }
-}
-
-fn setup(ul: &Underlay, config: Option<&str>) -> Etcd {
-    let etcd = Etcd::start_in(ul.ns_name(), &ul.etcd_ip().to_string());
-    if let Some(c) = config {
-        etcd.etcdctl(&["put", &format!("{PREFIX}/config"), c]);
-    }
-    etcd
-}
-
-fn start_with(ul: &Underlay, etcd: &Etcd, dirs: NodeDirs, extra: &[&str]) -> Member {
-    let node = ul.add_node();
-    let mut args = vec!["--iface=eth0", "--reconcile-interval=1"];
-    args.extend_from_slice(extra);
-    let daemon = Twilld::start(node.name(), &dirs, &etcd.endpoint(), &args);
-    Member { node, dirs, daemon }
-}
-
+/// twilld with a 1 s reconcile pass, so healing shows quickly.
 fn start(ul: &Underlay, etcd: &Etcd, extra: &[&str]) -> Member {
     start_with(ul, etcd, NodeDirs::new(), extra)
 }
 
-fn wait_ready(m: &Member) {
-    assert!(
-        wait_for(
-            || m.dirs.conflist().exists() && m.dirs.subnet().is_some(),
-            WAIT
-        ),
-        "{} never got ready; log:\n{}",
-        m.node.name(),
-        m.daemon.log()
-    );
+fn start_with(ul: &Underlay, etcd: &Etcd, dirs: NodeDirs, extra: &[&str]) -> Member {
+    Member::start_with(
+        ul,
+        etcd,
+        dirs,
+        &[&["--reconcile-interval=1"], extra].concat(),
+    )
 }
 
 fn routes(m: &Member) -> String {
@@ -71,14 +37,13 @@ fn route_via(m: &Member, peer: &Member) -> bool {
 #[test]
 fn host_gw_routes_via_peer_ip_and_restores_deleted_routes() {
     let ul = Underlay::new();
-    let etcd = setup(
-        &ul,
-        Some(r#"{"Network":"10.6.0.0/16","Backend":{"Type":"host-gw"}}"#),
-    );
+    let etcd = ul.start_etcd(Some(
+        r#"{"Network":"10.6.0.0/16","Backend":{"Type":"host-gw"}}"#,
+    ));
     let a = start(&ul, &etcd, &[]);
     let b = start(&ul, &etcd, &[]);
-    wait_ready(&a);
-    wait_ready(&b);
+    a.wait_ready();
+    b.wait_ready();
     assert!(
         wait_for(|| route_via(&a, &b) && route_via(&b, &a), WAIT),
         "{}",
@@ -87,7 +52,10 @@ fn host_gw_routes_via_peer_ip_and_restores_deleted_routes() {
     assert!(!a.node.ns.has_link("twill.1"), "host-gw has no VTEP");
     assert!(a.env().contains("FLANNEL_MTU=1500\n"), "{}", a.env());
     let lease = etcd
-        .get(&format!("{PREFIX}/subnets/{}-24", a.subnet().network()))
+        .get(&format!(
+            "{FLANNEL_PREFIX}/subnets/{}-24",
+            a.subnet().network()
+        ))
         .unwrap();
     assert_eq!(
         lease,
@@ -110,14 +78,13 @@ fn host_gw_routes_via_peer_ip_and_restores_deleted_routes() {
 #[test]
 fn direct_routing_uses_plain_routes_on_shared_l2() {
     let ul = Underlay::new();
-    let etcd = setup(
-        &ul,
-        Some(r#"{"network":"10.7.0.0/16","backend":{"type":"vxlan","directrouting":true}}"#),
-    );
+    let etcd = ul.start_etcd(Some(
+        r#"{"network":"10.7.0.0/16","backend":{"type":"vxlan","directrouting":true}}"#,
+    ));
     let a = start(&ul, &etcd, &[]);
     let b = start(&ul, &etcd, &[]);
-    wait_ready(&a);
-    wait_ready(&b);
+    a.wait_ready();
+    b.wait_ready();
     assert!(
         wait_for(|| route_via(&a, &b) && route_via(&b, &a), WAIT),
         "{}",
@@ -136,22 +103,19 @@ fn direct_routing_uses_plain_routes_on_shared_l2() {
 #[test]
 fn mtu_follows_underlay_or_config() {
     let ul = Underlay::with_mtu(9000);
-    let etcd = setup(&ul, Some(r#"{"Network":"10.8.0.0/16"}"#));
+    let etcd = ul.start_etcd(Some(r#"{"Network":"10.8.0.0/16"}"#));
     let a = start(&ul, &etcd, &[]);
-    wait_ready(&a);
+    a.wait_ready();
     assert!(a.env().contains("FLANNEL_MTU=8950\n"), "{}", a.env());
     let link = a.node.ns.exec(&["ip", "link", "show", "twill.1"]);
     assert!(link.contains("mtu 8950"), "{link}");
 
     let ul2 = Underlay::new();
-    let etcd2 = setup(
-        &ul2,
-        Some(
-            r#"{"Network":"10.8.0.0/16","Backend":{"Type":"vxlan","MTU":1400,"VNI":4,"Port":4789}}"#,
-        ),
-    );
+    let etcd2 = ul2.start_etcd(Some(
+        r#"{"Network":"10.8.0.0/16","Backend":{"Type":"vxlan","MTU":1400,"VNI":4,"Port":4789}}"#,
+    ));
     let b = start(&ul2, &etcd2, &[]);
-    wait_ready(&b);
+    b.wait_ready();
     assert!(b.env().contains("FLANNEL_MTU=1350\n"), "{}", b.env());
     let link = b.node.ns.exec(&["ip", "-d", "link", "show", "twill.4"]);
     assert!(
@@ -163,9 +127,9 @@ fn mtu_follows_underlay_or_config() {
 #[test]
 fn ip_masq_rules_masquerade_and_are_restored() {
     let ul = Underlay::new();
-    let etcd = setup(&ul, Some(r#"{"Network":"10.9.0.0/16"}"#));
+    let etcd = ul.start_etcd(Some(r#"{"Network":"10.9.0.0/16"}"#));
     let a = start(&ul, &etcd, &["--ip-masq"]);
-    wait_ready(&a);
+    a.wait_ready();
     assert!(a.env().contains("FLANNEL_IPMASQ=true\n"), "{}", a.env());
     let sn = a.subnet();
     let table = a.node.ns.exec(&["nft", "list", "table", "ip", "twill"]);
@@ -219,7 +183,7 @@ fn ip_masq_rules_masquerade_and_are_restored() {
 #[test]
 fn waits_for_config_and_withholds_cni_config_until_plugins_exist() {
     let ul = Underlay::new();
-    let etcd = setup(&ul, None);
+    let etcd = ul.start_etcd(None);
     let dirs = NodeDirs::new();
     std::fs::remove_file(dirs.cni_bin_dir().join("twill-bridge")).unwrap();
     // portmap is chained when present.
@@ -232,7 +196,7 @@ fn waits_for_config_and_withholds_cni_config_until_plugins_exist() {
     );
     etcd.etcdctl(&[
         "put",
-        &format!("{PREFIX}/config"),
+        &format!("{FLANNEL_PREFIX}/config"),
         r#"{"Network":"10.10.0.0/29"}"#,
     ]);
     assert!(
@@ -243,7 +207,7 @@ fn waits_for_config_and_withholds_cni_config_until_plugins_exist() {
     assert!(!a.dirs.subnet_file().exists());
     etcd.etcdctl(&[
         "put",
-        &format!("{PREFIX}/config"),
+        &format!("{FLANNEL_PREFIX}/config"),
         r#"{"Network":"10.10.0.0/16"}"#,
     ]);
     assert!(
@@ -264,7 +228,7 @@ fn waits_for_config_and_withholds_cni_config_until_plugins_exist() {
         "no conflist while twill-bridge is missing"
     );
     a.dirs.stand_in("twill-bridge");
-    wait_ready(&a);
+    a.wait_ready();
     let conf: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(a.dirs.conflist()).unwrap()).unwrap();
     assert_eq!(conf["plugins"][1]["type"], "portmap", "{conf}");

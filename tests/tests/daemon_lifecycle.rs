@@ -6,81 +6,22 @@ use std::time::Duration;
 
 use twill_tests::etcd::Etcd;
 use twill_tests::underlay::{
-    add_pod_bridge, has_vxlan_peer, lacks_vxlan_peer, ping_from, vtep_state, wait_for, Node,
-    NodeDirs, Twilld, Underlay,
+    add_pod_bridge, has_vxlan_peer, lacks_vxlan_peer, ping_from, wait_for, Member, Node, NodeDirs,
+    Twilld, Underlay, FLANNEL_PREFIX,
 };
 
-const PREFIX: &str = "/coreos.com/network";
 const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const WAIT: Duration = Duration::from_secs(30);
 
-struct Member {
-    node: Node,
-    dirs: NodeDirs,
-    daemon: Twilld,
-}
-
-impl Member {
-    fn subnet(&self) -> ipnetwork::Ipv4Network {
-        self.dirs.subnet().expect("subnet.env")
-    }
-    fn mac(&self) -> String {
-        self.node
-            .ns
-            .exec(&["cat", "/sys/class/net/twill.1/address"])
-            .trim()
-            .to_string()
-    }
-    fn key(&self) -> String {
-        let s = self.subnet();
-        format!("{PREFIX}/subnets/{}-{}", s.network(), s.prefix())
-    }
-    fn restart(&mut self, etcd: &Etcd, extra: &[&str]) {
-        let mut args = vec!["--iface=eth0"];
-        args.extend_from_slice(extra);
-        self.daemon = Twilld::start(self.node.name(), &self.dirs, &etcd.endpoint(), &args);
-    }
-    /// Whether `self` has `peer`'s vxlan entries.
-    fn sees(&self, peer: &Member) -> bool {
-        has_vxlan_peer(
-            &self.node.ns,
-            "twill.1",
-            &peer.subnet().to_string(),
-            &peer.mac(),
-            &peer.node.ip.to_string(),
-        )
-    }
-    fn state(&self) -> (String, String, String) {
-        vtep_state(&self.node.ns, "twill.1")
-    }
-}
-
 fn setup(config: &str) -> (Underlay, Etcd) {
     let ul = Underlay::new();
-    let etcd = Etcd::start_in(ul.ns_name(), &ul.etcd_ip().to_string());
-    etcd.etcdctl(&["put", &format!("{PREFIX}/config"), config]);
+    let etcd = ul.start_etcd(Some(config));
     (ul, etcd)
 }
 
+/// twilld with a 1 s reconcile pass, so healing shows quickly.
 fn start(ul: &Underlay, etcd: &Etcd, extra: &[&str]) -> Member {
-    let node = ul.add_node();
-    let dirs = NodeDirs::new();
-    let mut args = vec!["--iface=eth0", "--reconcile-interval=1"];
-    args.extend_from_slice(extra);
-    let daemon = Twilld::start(node.name(), &dirs, &etcd.endpoint(), &args);
-    Member { node, dirs, daemon }
-}
-
-fn wait_ready(m: &Member) {
-    assert!(
-        wait_for(
-            || m.dirs.conflist().exists() && m.dirs.subnet().is_some(),
-            WAIT
-        ),
-        "{} never got ready; log:\n{}",
-        m.node.name(),
-        m.daemon.log()
-    );
+    Member::start(ul, etcd, &[&["--reconcile-interval=1"], extra].concat())
 }
 
 #[test]
@@ -88,10 +29,10 @@ fn restart_keeps_subnet_mac_and_data_path() {
     let (ul, etcd) = setup(CONFIG);
     let mut a = start(&ul, &etcd, &[]);
     let b = start(&ul, &etcd, &[]);
-    wait_ready(&a);
-    wait_ready(&b);
+    a.wait_ready();
+    b.wait_ready();
     assert!(wait_for(|| b.sees(&a) && a.sees(&b), WAIT));
-    let (subnet, mac, key) = (a.subnet(), a.mac(), a.key());
+    let (subnet, mac, key) = (a.subnet(), a.mac(), a.lease_key());
     let ga = add_pod_bridge(&a.node.ns, subnet).to_string();
     let gb = add_pod_bridge(&b.node.ns, b.subnet()).to_string();
     assert!(ping_from(&a.node.ns, &ga, &gb));
@@ -148,12 +89,12 @@ fn restart_keeps_subnet_mac_and_data_path() {
         a.daemon.log()
     );
     assert_eq!(a.subnet(), subnet);
-    assert!(wait_for(|| b.sees(&a), WAIT), "{:?}", b.state());
+    assert!(wait_for(|| b.sees(&a), WAIT), "{:?}", b.vtep_state());
     assert!(wait_for(|| ping_from(&a.node.ns, &ga, &gb), WAIT));
     assert!(
-        wait_for(|| !a.state().2.contains("10.5.251.0/24"), WAIT),
+        wait_for(|| !a.vtep_state().2.contains("10.5.251.0/24"), WAIT),
         "{:?}",
-        a.state()
+        a.vtep_state()
     );
 }
 
@@ -182,7 +123,7 @@ fn racing_nodes_get_distinct_subnets_or_fail_cleanly() {
         .map(|((node, dirs), daemon)| Member { node, dirs, daemon })
         .collect();
     for m in &members {
-        wait_ready(m);
+        m.wait_ready();
     }
     let mut subnets: Vec<String> = members.iter().map(|m| m.subnet().to_string()).collect();
     subnets.sort();
@@ -190,7 +131,10 @@ fn racing_nodes_get_distinct_subnets_or_fail_cleanly() {
         subnets,
         ["10.5.1.0/24", "10.5.2.0/24", "10.5.3.0/24", "10.5.4.0/24"]
     );
-    assert_eq!(etcd.get_prefix(&format!("{PREFIX}/subnets/")).len(), 4);
+    assert_eq!(
+        etcd.get_prefix(&format!("{FLANNEL_PREFIX}/subnets/")).len(),
+        4
+    );
 
     // A fifth node finds the pool exhausted: a clear error and a non-zero exit.
     let n5 = ul.add_node();
@@ -211,8 +155,8 @@ fn vtep_deletion_heals_and_reconcile_removes_drift() {
         &["--healthz-ip=127.0.0.1", "--healthz-port=18082"],
     );
     let b = start(&ul, &etcd, &[]);
-    wait_ready(&a);
-    wait_ready(&b);
+    a.wait_ready();
+    b.wait_ready();
     assert!(wait_for(|| a.sees(&b) && b.sees(&a), WAIT));
     let ga = add_pod_bridge(&a.node.ns, a.subnet()).to_string();
     let gb = add_pod_bridge(&b.node.ns, b.subnet()).to_string();
@@ -223,7 +167,7 @@ fn vtep_deletion_heals_and_reconcile_removes_drift() {
     assert!(
         wait_for(|| a.node.ns.has_link("twill.1") && a.sees(&b), WAIT),
         "{:?}\n{}",
-        a.state(),
+        a.vtep_state(),
         a.daemon.log()
     );
     assert_eq!(a.mac(), mac);
@@ -284,7 +228,7 @@ fn vtep_deletion_heals_and_reconcile_removes_drift() {
             WAIT
         ),
         "{:?}",
-        a.state()
+        a.vtep_state()
     );
     let metrics = String::from_utf8_lossy(
         &ns.output(&["curl", "-s", "http://127.0.0.1:18082/metrics"])
@@ -304,10 +248,10 @@ fn expired_lease_removes_peer_and_renewal_keeps_ours() {
     let (ul, etcd) = setup(CONFIG);
     let a = start(&ul, &etcd, &["--lease-ttl=6"]);
     let mut b = start(&ul, &etcd, &["--lease-ttl=6"]);
-    wait_ready(&a);
-    wait_ready(&b);
+    a.wait_ready();
+    b.wait_ready();
     assert!(wait_for(|| a.sees(&b), WAIT));
-    let (bsub, bmac, bkey) = (b.subnet().to_string(), b.mac(), b.key());
+    let (bsub, bmac, bkey) = (b.subnet().to_string(), b.mac(), b.lease_key());
     // b dies without a word (SIGKILL): its lease expires and a drops the peer.
     b.daemon.kill();
     assert!(
@@ -320,11 +264,11 @@ fn expired_lease_removes_peer_and_renewal_keeps_ours() {
             WAIT
         ),
         "{:?}",
-        a.state()
+        a.vtep_state()
     );
     // a kept renewing its own short lease all along.
     assert!(
-        etcd.get(&a.key()).is_some(),
+        etcd.get(&a.lease_key()).is_some(),
         "a's lease must be renewed: {}",
         a.daemon.log()
     );
@@ -339,8 +283,8 @@ fn etcd_outage_keeps_data_path_and_recovers() {
         &["--healthz-ip=127.0.0.1", "--healthz-port=18083"],
     );
     let b = start(&ul, &etcd, &[]);
-    wait_ready(&a);
-    wait_ready(&b);
+    a.wait_ready();
+    b.wait_ready();
     assert!(wait_for(|| a.sees(&b) && b.sees(&a), WAIT));
     let ga = add_pod_bridge(&a.node.ns, a.subnet()).to_string();
     let gb = add_pod_bridge(&b.node.ns, b.subnet()).to_string();
@@ -356,7 +300,7 @@ fn etcd_outage_keeps_data_path_and_recovers() {
 
     etcd.start();
     // A lease added after the outage reaches a (its watch came back).
-    let key = format!("{PREFIX}/subnets/10.5.222.0-24");
+    let key = format!("{FLANNEL_PREFIX}/subnets/10.5.222.0-24");
     etcd.etcdctl(&[
         "put",
         &key,
@@ -374,7 +318,7 @@ fn etcd_outage_keeps_data_path_and_recovers() {
             WAIT
         ),
         "{:?}\n{}",
-        a.state(),
+        a.vtep_state(),
         a.daemon.log()
     );
     let metrics = String::from_utf8_lossy(
@@ -396,10 +340,10 @@ fn compaction_and_missed_events_are_recovered_by_relisting() {
     let (ul, etcd) = setup(CONFIG);
     let a = start(&ul, &etcd, &[]);
     let mut c = start(&ul, &etcd, &[]);
-    wait_ready(&a);
-    wait_ready(&c);
+    a.wait_ready();
+    c.wait_ready();
     assert!(wait_for(|| a.sees(&c), WAIT));
-    let (csub, cmac, ckey) = (c.subnet().to_string(), c.mac(), c.key());
+    let (csub, cmac, ckey) = (c.subnet().to_string(), c.mac(), c.lease_key());
     c.daemon.terminate();
 
     // Cut a off etcd (its watch breaks), change leases behind its back and compact the history.
@@ -414,7 +358,7 @@ fn compaction_and_missed_events_are_recovered_by_relisting() {
     ]);
     std::thread::sleep(Duration::from_secs(1));
     etcd.etcdctl(&["del", &ckey]);
-    let key = format!("{PREFIX}/subnets/10.5.223.0-24");
+    let key = format!("{FLANNEL_PREFIX}/subnets/10.5.223.0-24");
     etcd.etcdctl(&[
         "put",
         &key,
@@ -440,7 +384,7 @@ fn compaction_and_missed_events_are_recovered_by_relisting() {
             WAIT
         ),
         "{:?}\n{}",
-        a.state(),
+        a.vtep_state(),
         a.daemon.log()
     );
     // And it keeps following the watch afterwards, without a hot loop.
@@ -464,10 +408,10 @@ fn deleted_own_lease_is_reacquired_with_the_same_subnet() {
     let (ul, etcd) = setup(CONFIG);
     let a = start(&ul, &etcd, &[]);
     let b = start(&ul, &etcd, &[]);
-    wait_ready(&a);
-    wait_ready(&b);
+    a.wait_ready();
+    b.wait_ready();
     assert!(wait_for(|| b.sees(&a), WAIT));
-    let (subnet, key) = (a.subnet(), a.key());
+    let (subnet, key) = (a.subnet(), a.lease_key());
     let rev_before = etcd.revision();
     etcd.etcdctl(&["del", &key]);
     // twill's choice (flanneld exits here): take the lease again, preferring the same subnet,
@@ -482,7 +426,7 @@ fn deleted_own_lease_is_reacquired_with_the_same_subnet() {
     );
     assert_eq!(a.subnet(), subnet);
     assert_ne!(etcd.key_lease(&key), 0);
-    assert!(wait_for(|| b.sees(&a), WAIT), "{:?}", b.state());
+    assert!(wait_for(|| b.sees(&a), WAIT), "{:?}", b.vtep_state());
     assert!(a.daemon.log().contains("lease was deleted; re-acquiring"));
 }
 
@@ -491,14 +435,14 @@ fn reservations_are_kept_for_their_node() {
     let (ul, etcd) =
         setup(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.2.0"}"#);
     // A reservation (a key without an etcd lease) for the second node, 192.168.100.2.
-    let rkey = format!("{PREFIX}/subnets/10.5.1.0-24");
+    let rkey = format!("{FLANNEL_PREFIX}/subnets/10.5.1.0-24");
     etcd.etcdctl(&[
         "put",
         &rkey,
         r#"{"PublicIP":"192.168.100.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:02"}}"#,
     ]);
     let a = start(&ul, &etcd, &[]);
-    wait_ready(&a);
+    a.wait_ready();
     assert_eq!(a.node.ip.to_string(), "192.168.100.1");
     assert_eq!(
         a.subnet().to_string(),
@@ -506,7 +450,7 @@ fn reservations_are_kept_for_their_node() {
         "nobody else takes a reservation"
     );
     let b = start(&ul, &etcd, &[]);
-    wait_ready(&b);
+    b.wait_ready();
     assert_eq!(
         b.subnet().to_string(),
         "10.5.1.0/24",

@@ -7,59 +7,18 @@ use std::time::Duration;
 use serde_json::Value;
 use twill_tests::etcd::{Etcd, Pki};
 use twill_tests::underlay::{
-    add_pod_bridge, has_vxlan_peer, lacks_vxlan_peer, ping_from, vtep_state, wait_for, Node,
-    NodeDirs, Twilld, Underlay,
+    add_pod_bridge, has_vxlan_peer, lacks_vxlan_peer, ping_from, wait_for, Member, Underlay,
+    FLANNEL_PREFIX,
 };
 
-const PREFIX: &str = "/coreos.com/network";
 const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const WAIT: Duration = Duration::from_secs(30);
 
-struct Member {
-    node: Node,
-    dirs: NodeDirs,
-    daemon: Twilld,
-}
-
-impl Member {
-    fn subnet(&self) -> ipnetwork::Ipv4Network {
-        self.dirs.subnet().expect("subnet.env")
-    }
-    fn mac(&self) -> String {
-        let out = self
-            .node
-            .ns
-            .exec(&["cat", "/sys/class/net/twill.1/address"]);
-        out.trim().to_string()
-    }
-}
-
-fn start(ul: &Underlay, etcd: &Etcd, extra: &[&str]) -> Member {
-    let node = ul.add_node();
-    let dirs = NodeDirs::new();
-    let mut args = vec!["--iface=eth0"];
-    args.extend_from_slice(extra);
-    let daemon = Twilld::start(node.name(), &dirs, &etcd.endpoint(), &args);
-    Member { node, dirs, daemon }
-}
-
-fn wait_ready(m: &Member) {
-    assert!(
-        wait_for(|| m.dirs.conflist().exists(), WAIT),
-        "conflist never appeared; log:\n{}",
-        m.daemon.log()
-    );
-}
-
 fn leases(etcd: &Etcd) -> Vec<(String, Value)> {
-    etcd.get_prefix(&format!("{PREFIX}/subnets/"))
+    etcd.get_prefix(&format!("{FLANNEL_PREFIX}/subnets/"))
         .into_iter()
         .map(|(k, v)| (k, serde_json::from_str(&v).expect("lease json")))
         .collect()
-}
-
-fn kernel_state(m: &Member) -> (String, String, String) {
-    vtep_state(&m.node.ns, "twill.1")
 }
 
 fn has_peer(m: &Member, subnet: &str, mac: &str, public_ip: &str) -> bool {
@@ -91,21 +50,20 @@ fn http_get(m: &Member, url: &str) -> (u16, String) {
 #[test]
 fn two_nodes_flannel_schema_kernel_state_and_ping() {
     let ul = Underlay::new();
-    let etcd = Etcd::start_in(ul.ns_name(), &ul.etcd_ip().to_string());
-    etcd.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]);
-    let a = start(
+    let etcd = ul.start_etcd(Some(CONFIG));
+    let a = Member::start(
         &ul,
         &etcd,
         &["--healthz-ip=127.0.0.1", "--healthz-port=18081"],
     );
     // b also lists a dead endpoint first, as flanneld's default endpoint list does.
-    let b = start(
+    let b = Member::start(
         &ul,
         &etcd,
         &["--etcd-endpoints=http://192.168.100.254:4001"],
     );
-    wait_ready(&a);
-    wait_ready(&b);
+    a.wait_ready();
+    b.wait_ready();
 
     // subnet.env in flannel's format.
     let env = std::fs::read_to_string(a.dirs.subnet_file()).unwrap();
@@ -122,7 +80,7 @@ fn two_nodes_flannel_schema_kernel_state_and_ping() {
     let ls = leases(&etcd);
     assert_eq!(ls.len(), 2, "{ls:?}");
     for (m, s) in [(&a, sa), (&b, sb)] {
-        let key = format!("{PREFIX}/subnets/{}-{}", s.network(), s.prefix());
+        let key = format!("{FLANNEL_PREFIX}/subnets/{}-{}", s.network(), s.prefix());
         let (_, v) = ls.iter().find(|(k, _)| *k == key).expect("lease key");
         assert_eq!(v["PublicIP"], m.node.ip.to_string());
         assert_eq!(v["PublicIPv6"], Value::Null);
@@ -165,7 +123,7 @@ fn two_nodes_flannel_schema_kernel_state_and_ping() {
             WAIT
         ),
         "{:?}",
-        kernel_state(&a)
+        a.vtep_state()
     );
     assert!(
         wait_for(
@@ -173,13 +131,9 @@ fn two_nodes_flannel_schema_kernel_state_and_ping() {
             WAIT
         ),
         "{:?}",
-        kernel_state(&b)
+        b.vtep_state()
     );
-    assert_eq!(
-        kernel_state(&a).2.lines().count(),
-        1,
-        "only the peer's route"
-    );
+    assert_eq!(a.vtep_state().2.lines().count(), 1, "only the peer's route");
 
     // A ping between addresses of the two subnets crosses the VXLAN.
     let ga = add_pod(&a);
@@ -191,7 +145,7 @@ fn two_nodes_flannel_schema_kernel_state_and_ping() {
     assert!(
         ping(&a, &ga, &gb),
         "ping {ga} -> {gb} failed; {:?}",
-        kernel_state(&a)
+        a.vtep_state()
     );
     assert!(ping(&b, &gb, &ga), "ping {gb} -> {ga} failed");
     let after = b
@@ -244,11 +198,10 @@ fn grant(etcd: &Etcd, ttl: u32) -> String {
 #[test]
 fn flannel_node_lease_is_honoured_and_deleted_lease_removed_everywhere() {
     let ul = Underlay::new();
-    let etcd = Etcd::start_in(ul.ns_name(), &ul.etcd_ip().to_string());
-    etcd.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]);
-    let members: Vec<Member> = (0..3).map(|_| start(&ul, &etcd, &[])).collect();
+    let etcd = ul.start_etcd(Some(CONFIG));
+    let members: Vec<Member> = (0..3).map(|_| Member::start(&ul, &etcd, &[])).collect();
     for m in &members {
-        wait_ready(m);
+        m.wait_ready();
     }
 
     // A node running flannel: its lease written the way flanneld writes it, its data path
@@ -319,7 +272,7 @@ fn flannel_node_lease_is_honoured_and_deleted_lease_removed_everywhere() {
         "flannel.1",
         "onlink",
     ]);
-    let fkey = format!("{PREFIX}/subnets/10.5.200.0-24");
+    let fkey = format!("{FLANNEL_PREFIX}/subnets/10.5.200.0-24");
     let fval = format!(
         r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{fmac}"}}}}"#,
         f.ip
@@ -333,7 +286,7 @@ fn flannel_node_lease_is_honoured_and_deleted_lease_removed_everywhere() {
             wait_for(|| has_peer(m, fsub, fmac, &f.ip.to_string()), WAIT),
             "{} lacks the flannel peer: {:?}",
             m.node.name(),
-            kernel_state(m)
+            m.vtep_state()
         );
         for o in &members {
             if o.node.ip != m.node.ip {
@@ -346,7 +299,7 @@ fn flannel_node_lease_is_honoured_and_deleted_lease_removed_everywhere() {
             }
         }
         assert_eq!(
-            kernel_state(m).2.lines().count(),
+            m.vtep_state().2.lines().count(),
             3,
             "two twill peers + the flannel node"
         );
@@ -361,9 +314,9 @@ fn flannel_node_lease_is_honoured_and_deleted_lease_removed_everywhere() {
             wait_for(|| lacks_peer(m, fsub, fmac), WAIT),
             "{} still has the deleted peer: {:?}",
             m.node.name(),
-            kernel_state(m)
+            m.vtep_state()
         );
-        assert_eq!(kernel_state(m).2.lines().count(), 2);
+        assert_eq!(m.vtep_state().2.lines().count(), 2);
     }
     assert!(!ping(a, &ga, "10.5.200.1"));
 }
@@ -373,19 +326,19 @@ fn etcd_with_tls_client_certificates() {
     let ul = Underlay::new();
     let pki = Pki::new(&ul.etcd_ip().to_string());
     let etcd = Etcd::start_in_tls(ul.ns_name(), &ul.etcd_ip().to_string(), &pki);
-    etcd.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]);
+    etcd.etcdctl(&["put", &format!("{FLANNEL_PREFIX}/config"), CONFIG]);
     let f = pki.files();
     let (ca, cert, key) = (
         format!("--etcd-cafile={}", f.ca.display()),
         format!("--etcd-certfile={}", f.client_cert.display()),
         format!("--etcd-keyfile={}", f.client_key.display()),
     );
-    let a = start(&ul, &etcd, &[&ca, &cert, &key]);
-    wait_ready(&a);
+    let a = Member::start(&ul, &etcd, &[&ca, &cert, &key]);
+    a.wait_ready();
     assert_eq!(leases(&etcd).len(), 1);
 
     // Without a client certificate etcd refuses twilld: no lease, no CNI config.
-    let b = start(&ul, &etcd, &[&ca]);
+    let b = Member::start(&ul, &etcd, &[&ca]);
     std::thread::sleep(Duration::from_secs(3));
     assert!(!b.dirs.conflist().exists(), "{}", b.daemon.log());
     assert_eq!(leases(&etcd).len(), 1);
@@ -394,8 +347,8 @@ fn etcd_with_tls_client_certificates() {
 #[test]
 fn peer_mac_change_replaces_fdb_and_readyz_turns_ready() {
     let ul = Underlay::new();
-    let etcd = Etcd::start_in(ul.ns_name(), &ul.etcd_ip().to_string());
-    let a = start(
+    let etcd = ul.start_etcd(None);
+    let a = Member::start(
         &ul,
         &etcd,
         &["--healthz-ip=127.0.0.1", "--healthz-port=18084"],
@@ -406,14 +359,14 @@ fn peer_mac_change_replaces_fdb_and_readyz_turns_ready() {
         WAIT
     ));
     assert_eq!(http_get(&a, "http://127.0.0.1:18084/readyz").0, 503);
-    etcd.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]);
-    wait_ready(&a);
+    etcd.etcdctl(&["put", &format!("{FLANNEL_PREFIX}/config"), CONFIG]);
+    a.wait_ready();
     assert!(wait_for(
         || http_get(&a, "http://127.0.0.1:18084/readyz").0 == 200,
         WAIT
     ));
 
-    let key = format!("{PREFIX}/subnets/10.5.77.0-24");
+    let key = format!("{FLANNEL_PREFIX}/subnets/10.5.77.0-24");
     let value = |mac: &str, ip: &str| {
         format!(
             r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
@@ -430,25 +383,19 @@ fn peer_mac_change_replaces_fdb_and_readyz_turns_ready() {
     assert!(
         wait_for(
             || has_peer(&a, "10.5.77.0/24", "02:00:00:00:77:02", "192.168.100.78")
-                && !kernel_state(&a).1.contains("02:00:00:00:77:01"),
+                && !a.vtep_state().1.contains("02:00:00:00:77:01"),
             WAIT
         ),
         "{:?}",
-        kernel_state(&a)
+        a.vtep_state()
     );
-    assert_eq!(
-        kernel_state(&a).1.lines().count(),
-        1,
-        "{:?}",
-        kernel_state(&a)
-    );
+    assert_eq!(a.vtep_state().1.lines().count(), 1, "{:?}", a.vtep_state());
 }
 
 #[test]
 fn etcd_basic_auth() {
     let ul = Underlay::new();
-    let etcd = Etcd::start_in(ul.ns_name(), &ul.etcd_ip().to_string());
-    etcd.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]);
+    let etcd = ul.start_etcd(Some(CONFIG));
     etcd.etcdctl(&[
         "user",
         "add",
@@ -457,16 +404,16 @@ fn etcd_basic_auth() {
         "--interactive=false",
     ]);
     etcd.etcdctl(&["auth", "enable"]);
-    let a = start(
+    let a = Member::start(
         &ul,
         &etcd,
         &["--etcd-username=root", "--etcd-password=s3cret"],
     );
-    wait_ready(&a);
+    a.wait_ready();
     let listed = etcd.etcdctl(&[
         "--user=root:s3cret",
         "get",
-        &format!("{PREFIX}/subnets/"),
+        &format!("{FLANNEL_PREFIX}/subnets/"),
         "--prefix",
         "--keys-only",
     ]);
@@ -475,7 +422,7 @@ fn etcd_basic_auth() {
         1,
         "{listed}"
     );
-    let b = start(
+    let b = Member::start(
         &ul,
         &etcd,
         &["--etcd-username=root", "--etcd-password=wrong"],
