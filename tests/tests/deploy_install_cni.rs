@@ -11,13 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use twill_tests::bins;
-
-const PLUGINS: [&str; 4] = [
-    "twill",
-    "twill-bridge",
-    "twill-host-local",
-    "twill-loopback",
-];
+use twill_tests::deploy::PLUGINS;
 
 fn install(src: &Path, dest: &Path) -> Output {
     Command::new(bins::bin("twilld"))

@@ -11,24 +11,12 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 use twill_tests::bins;
+use twill_tests::deploy::{load_yaml, object, repo, PLUGINS};
 use twill_tests::etcd::Etcd;
 
 /// Oldest and newest Kubernetes versions the manifests are validated against (schemas shipped
 /// offline by kubernetes-validate 1.37).
 const K8S_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
-const PLUGINS: [&str; 4] = [
-    "twill",
-    "twill-bridge",
-    "twill-host-local",
-    "twill-loopback",
-];
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
 
 fn manifest_files() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = fs::read_dir(repo().join("manifests"))
@@ -42,39 +30,8 @@ fn manifest_files() -> Vec<PathBuf> {
     files
 }
 
-/// Every document of a YAML file, as JSON (PyYAML, which kubernetes-validate depends on).
-fn load_yaml(path: &Path) -> Vec<Value> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import json, sys, yaml\n\
-             docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]\n\
-             json.dump(docs, sys.stdout)",
-        ])
-        .arg(path)
-        .stdin(Stdio::null())
-        .output()
-        .expect("python3 (setup.sh installs it with PyYAML)");
-    assert!(
-        out.status.success(),
-        "parsing {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    match serde_json::from_slice(&out.stdout).expect("yaml as json") {
-        Value::Array(docs) => docs,
-        other => panic!("unexpected {other}"),
-    }
-}
-
 fn all_objects() -> Vec<Value> {
     manifest_files().iter().flat_map(|p| load_yaml(p)).collect()
-}
-
-fn object<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
-    objs.iter()
-        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("no {kind} {name} in the manifests"))
 }
 
 fn arr(v: &Value) -> &[Value] {

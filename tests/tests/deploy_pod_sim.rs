@@ -14,50 +14,10 @@ use std::time::Duration;
 use serde_json::Value;
 use std::os::unix::fs::PermissionsExt;
 use twill_tests::bins;
+use twill_tests::deploy::{load_yaml, object, repo, PLUGINS};
 
 use twill_tests::etcd::{Etcd, Pki};
 use twill_tests::underlay::{add_pod_bridge, ping_from, wait_for, Node, NodeDirs, Underlay};
-
-const PLUGINS: [&str; 4] = [
-    "twill",
-    "twill-bridge",
-    "twill-host-local",
-    "twill-loopback",
-];
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-fn load_manifest() -> Vec<Value> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import json, sys, yaml\n\
-             json.dump([d for d in yaml.safe_load_all(open(sys.argv[1])) if d], sys.stdout)",
-        ])
-        .arg(repo().join("manifests/twill.yaml"))
-        .output()
-        .expect("python3 with PyYAML");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    match serde_json::from_slice(&out.stdout).unwrap() {
-        Value::Array(docs) => docs,
-        _ => unreachable!(),
-    }
-}
-
-fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
-    objs.iter()
-        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("{kind} {name}"))
-}
 
 /// What the node would hand the container: the pod's env with the downward API and the
 /// ConfigMap resolved, the host paths moved into `dirs`, the Secret's mount into `secret`,
@@ -206,10 +166,10 @@ fn cap_line(pid: u32, field: &str) -> String {
 
 #[test]
 fn manifest_pods_work_with_only_the_granted_capabilities() {
-    let objs = load_manifest();
-    let cm = find(&objs, "ConfigMap", "twill-config");
-    let job = &find(&objs, "Job", "twill-init-network")["spec"]["template"]["spec"];
-    let ds = &find(&objs, "DaemonSet", "twill")["spec"]["template"]["spec"];
+    let objs = load_yaml(&repo().join("manifests/twill.yaml"));
+    let cm = object(&objs, "ConfigMap", "twill-config");
+    let job = &object(&objs, "Job", "twill-init-network")["spec"]["template"]["spec"];
+    let ds = &object(&objs, "DaemonSet", "twill")["spec"]["template"]["spec"];
     let job_c = &job["containers"][0];
     let install_c = ds["initContainers"]
         .as_array()

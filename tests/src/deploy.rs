@@ -1,0 +1,51 @@
+//! The deploy tests' view of the repository: the workspace root, the Kubernetes manifests as
+//! JSON, and lookups in them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+/// twill's CNI plugin binaries: what the image ships and `install-cni` installs.
+pub const PLUGINS: [&str; 4] = crate::underlay::TWILL_PLUGINS;
+
+/// The workspace root (parent of the `tests` crate).
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Every non-empty document of a YAML file, as JSON (PyYAML, which kubernetes-validate
+/// depends on, so YAML is read the way the validator reads it).
+pub fn load_yaml(path: &Path) -> Vec<Value> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml\n\
+             docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]\n\
+             json.dump(docs, sys.stdout)",
+        ])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .expect("python3 (setup.sh installs it with PyYAML)");
+    assert!(
+        out.status.success(),
+        "parsing {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match serde_json::from_slice(&out.stdout).expect("yaml as json") {
+        Value::Array(docs) => docs,
+        other => panic!("unexpected {other}"),
+    }
+}
+
+/// The object of `kind` named `name`; panics when the manifests lack it.
+pub fn object<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objs.iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the manifests"))
+}
