@@ -2,14 +2,16 @@
 //! (`cniharness`) like containerd: portmap chained after twill-bridge, the reference bridge
 //! using twill-host-local, and the host-local store shared in both directions.
 
+use std::path::Path;
+
 use serde_json::{json, Value};
 use twill_tests::bins::{target_dir, REFERENCE_CNI_DIR};
 use twill_tests::cni::{
-    eventually, exec, harness_run, host_veths, reference, reservations, twill, Invocation,
+    eventually, exec, harness_run, host_veths, reference, reservations, twill, Invocation, Reply,
 };
 use twill_tests::netns::Netns;
 
-fn write_conflist(dir: &std::path::Path, list: &Value) {
+fn write_conflist(dir: &Path, list: &Value) {
     std::fs::write(dir.join("10-test.conflist"), list.to_string()).unwrap();
 }
 
@@ -57,33 +59,62 @@ fn bin_path() -> String {
     format!("{}:{}", target_dir().display(), REFERENCE_CNI_DIR)
 }
 
+/// One pod driven through libcni (`cniharness`) like containerd: a pod and a node namespace
+/// (`p<tag>`, `n<tag>`), a conflist dir, an IPAM data dir and a libcni cache dir.
+struct Libcni {
+    pod: Netns,
+    node: Netns,
+    conf: tempfile::TempDir,
+    data: tempfile::TempDir,
+    cache: tempfile::TempDir,
+}
+
+impl Libcni {
+    /// Writes the conflist `list(data_dir)` returns.
+    fn new(tag: &str, list: impl FnOnce(&Path) -> Value) -> Libcni {
+        let lc = Libcni {
+            pod: Netns::new(&format!("p{tag}")),
+            node: Netns::new(&format!("n{tag}")),
+            conf: tempfile::tempdir().unwrap(),
+            data: tempfile::tempdir().unwrap(),
+            cache: tempfile::tempdir().unwrap(),
+        };
+        write_conflist(lc.conf.path(), &list(lc.data.path()));
+        lc
+    }
+
+    /// `cniharness run -verb VERB` on the pod with container `id`, using the cache dir.
+    fn run(&self, verb: &str, id: &str, extra: &[&str]) -> Reply {
+        let cache = self.cache.path().display().to_string();
+        let args = [&["-cache", cache.as_str()], extra].concat();
+        harness_run(
+            &self.node,
+            verb,
+            self.conf.path(),
+            &bin_path(),
+            &self.pod,
+            id,
+            &args,
+        )
+    }
+
+    fn reservations(&self, network: &str) -> Vec<String> {
+        reservations(self.data.path(), network)
+    }
+}
+
 #[test]
 fn reference_portmap_chained_after_twill_bridge() {
-    let node = Netns::new("ni");
-    let pod = Netns::new("pi");
-    let conf = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
-    write_conflist(
-        conf.path(),
-        &json!({"cniVersion": "1.0.0", "name": "twpm", "plugins": [
+    let lc = Libcni::new("i", |data| {
+        json!({"cniVersion": "1.0.0", "name": "twpm", "plugins": [
             {"type": "twill-bridge", "bridge": "twpmbr0", "isGateway": true, "ipMasq": true,
-             "ipam": {"type": "twill-host-local", "subnet": "10.230.0.0/24", "dataDir": data.path()}},
+             "ipam": {"type": "twill-host-local", "subnet": "10.230.0.0/24", "dataDir": data}},
             {"type": "portmap", "capabilities": {"portMappings": true}}
-        ]}),
-    );
-    let cache_s = cache.path().display().to_string();
+        ]})
+    });
+    let (node, pod) = (&lc.node, &lc.pod);
     let ports = r#"[{"hostPort":18080,"containerPort":80,"protocol":"tcp"}]"#;
-    let add = harness_run(
-        &node,
-        "add",
-        conf.path(),
-        &bin_path(),
-        &pod,
-        "pm1",
-        &["-ports", ports, "-cache", &cache_s],
-    );
-    let res = add.ok();
+    let res = lc.run("add", "pm1", &["-ports", ports]).ok();
     let pod_ip = res["ips"][0]["address"]
         .as_str()
         .unwrap()
@@ -99,81 +130,38 @@ fn reference_portmap_chained_after_twill_bridge() {
 
     // A connection to the host port on the node arrives in the pod.
     assert_eq!(
-        through_host_port(&node, &pod, "10.230.0.1:18080", 80),
+        through_host_port(node, pod, "10.230.0.1:18080", 80),
         "hello-through-portmap"
     );
 
     // No CHECK through this list: Debian's portmap 1.1.1 fails CHECK on nft-backed ip6tables
     // ("could not check ipv6 dnat: chain CNI-DN-... not found"), with the reference bridge too.
-    harness_run(
-        &node,
-        "del",
-        conf.path(),
-        &bin_path(),
-        &pod,
-        "pm1",
-        &["-ports", ports, "-cache", &cache_s],
-    )
-    .ok();
+    lc.run("del", "pm1", &["-ports", ports]).ok();
     let nat = node.exec(&["iptables-save", "-t", "nat"]);
     assert!(
         !nat.contains(&format!("{pod_ip}:80")),
         "portmap rules removed"
     );
-    assert!(reservations(data.path(), "twpm").is_empty());
-    assert!(eventually(10, || host_veths(&node).is_empty()));
+    assert!(lc.reservations("twpm").is_empty());
+    assert!(eventually(10, || host_veths(node).is_empty()));
 }
 
 #[test]
 fn reference_bridge_with_twill_host_local() {
-    let node = Netns::new("nr");
-    let pod = Netns::new("pr");
-    let conf = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
-    write_conflist(
-        conf.path(),
-        &json!({"cniVersion": "0.4.0", "name": "twrb", "plugins": [
+    let lc = Libcni::new("r", |data| {
+        json!({"cniVersion": "0.4.0", "name": "twrb", "plugins": [
             {"type": "bridge", "bridge": "twrbbr0", "isGateway": true,
-             "ipam": {"type": "twill-host-local", "subnet": "10.231.0.0/24", "dataDir": data.path(),
+             "ipam": {"type": "twill-host-local", "subnet": "10.231.0.0/24", "dataDir": data,
                       "routes": [{"dst": "0.0.0.0/0", "gw": "10.231.0.1"}]}}
-        ]}),
-    );
-    let cache_s = cache.path().display().to_string();
-    let res = harness_run(
-        &node,
-        "add",
-        conf.path(),
-        &bin_path(),
-        &pod,
-        "rb1",
-        &["-cache", &cache_s],
-    )
-    .ok();
+        ]})
+    });
+    let res = lc.run("add", "rb1", &[]).ok();
     assert_eq!(res["ips"][0]["address"], "10.231.0.2/24");
-    assert_eq!(reservations(data.path(), "twrb"), ["10.231.0.2"]);
-    pod.exec(&["ping", "-c1", "-W2", "10.231.0.1"]);
-    harness_run(
-        &node,
-        "check",
-        conf.path(),
-        &bin_path(),
-        &pod,
-        "rb1",
-        &["-cache", &cache_s],
-    )
-    .ok();
-    harness_run(
-        &node,
-        "del",
-        conf.path(),
-        &bin_path(),
-        &pod,
-        "rb1",
-        &["-cache", &cache_s],
-    )
-    .ok();
-    assert!(reservations(data.path(), "twrb").is_empty());
+    assert_eq!(lc.reservations("twrb"), ["10.231.0.2"]);
+    lc.pod.exec(&["ping", "-c1", "-W2", "10.231.0.1"]);
+    lc.run("check", "rb1", &[]).ok();
+    lc.run("del", "rb1", &[]).ok();
+    assert!(lc.reservations("twrb").is_empty());
 }
 
 #[test]
@@ -238,68 +226,52 @@ fn host_local_store_is_shared_both_ways() {
 
 #[test]
 fn containerd_style_conflist_add_check_del_through_libcni() {
-    let node = Netns::new("nl");
-    let pod = Netns::new("pl");
-    let conf = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
     // Shaped like containerd's default 10-containerd-net.conflist (0.4.0, promiscMode, dual-stack).
-    write_conflist(
-        conf.path(),
-        &json!({"cniVersion": "0.4.0", "name": "twcd", "plugins": [
+    let lc = Libcni::new("l", |data| {
+        json!({"cniVersion": "0.4.0", "name": "twcd", "plugins": [
             {"type": "twill-bridge", "bridge": "twcdbr0", "isGateway": true, "ipMasq": true, "promiscMode": true,
-             "ipam": {"type": "twill-host-local", "dataDir": data.path(),
+             "ipam": {"type": "twill-host-local", "dataDir": data,
                       "ranges": [[{"subnet": "10.234.0.0/16"}], [{"subnet": "fd23:4::/64"}]],
                       "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}}
-        ]}),
-    );
-    let cache_s = cache.path().display().to_string();
-    let args = ["-cache", cache_s.as_str()];
-    let res = harness_run(&node, "add", conf.path(), &bin_path(), &pod, "cd1", &args).ok();
+        ]})
+    });
+    let res = lc.run("add", "cd1", &[]).ok();
     assert_eq!(res["ips"].as_array().unwrap().len(), 2, "{res}");
-    pod.exec(&["ping", "-c1", "-W2", "10.234.0.1"]);
-    harness_run(&node, "check", conf.path(), &bin_path(), &pod, "cd1", &args).ok();
-    harness_run(&node, "del", conf.path(), &bin_path(), &pod, "cd1", &args).ok();
-    harness_run(&node, "del", conf.path(), &bin_path(), &pod, "cd1", &args).ok();
-    assert!(reservations(data.path(), "twcd").is_empty());
+    lc.pod.exec(&["ping", "-c1", "-W2", "10.234.0.1"]);
+    lc.run("check", "cd1", &[]).ok();
+    lc.run("del", "cd1", &[]).ok();
+    lc.run("del", "cd1", &[]).ok();
+    assert!(lc.reservations("twcd").is_empty());
 }
 
 #[test]
 fn twill_bridge_delegates_to_reference_host_local() {
-    let node = Netns::new("nh");
-    let pod = Netns::new("ph");
-    let conf = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
     // Any IPAM type other than twill-host-local is executed from CNI_PATH with the same env.
-    write_conflist(
-        conf.path(),
-        &json!({"cniVersion": "1.0.0", "name": "twdh", "plugins": [
+    let lc = Libcni::new("h", |data| {
+        json!({"cniVersion": "1.0.0", "name": "twdh", "plugins": [
             {"type": "twill-bridge", "bridge": "twdhbr0", "isGateway": true, "ipMasq": true,
-             "ipam": {"type": "host-local", "subnet": "10.235.0.0/24", "dataDir": data.path(),
+             "ipam": {"type": "host-local", "subnet": "10.235.0.0/24", "dataDir": data,
                       "routes": [{"dst": "0.0.0.0/0"}]}}
-        ]}),
-    );
-    let cache_s = cache.path().display().to_string();
-    let args = ["-cache", cache_s.as_str()];
-    let res = harness_run(&node, "add", conf.path(), &bin_path(), &pod, "dh1", &args).ok();
+        ]})
+    });
+    let res = lc.run("add", "dh1", &[]).ok();
     assert_eq!(res["ips"][0]["address"], "10.235.0.2/24");
-    assert_eq!(reservations(data.path(), "twdh"), ["10.235.0.2"]);
-    pod.exec(&["ping", "-c1", "-W2", "10.235.0.1"]);
-    harness_run(&node, "check", conf.path(), &bin_path(), &pod, "dh1", &args).ok();
-    harness_run(&node, "del", conf.path(), &bin_path(), &pod, "dh1", &args).ok();
-    assert!(reservations(data.path(), "twdh").is_empty());
-    // A failing delegate's error comes back as the plugin's error, and nothing is left.
-    let bad = tempfile::tempdir().unwrap();
+    assert_eq!(lc.reservations("twdh"), ["10.235.0.2"]);
+    lc.pod.exec(&["ping", "-c1", "-W2", "10.235.0.1"]);
+    lc.run("check", "dh1", &[]).ok();
+    lc.run("del", "dh1", &[]).ok();
+    assert!(lc.reservations("twdh").is_empty());
+    // A failing delegate's error comes back as the plugin's error, and nothing is left
+    // (the list is replaced by one whose /31 range host-local refuses).
     write_conflist(
-        bad.path(),
+        lc.conf.path(),
         &json!({"cniVersion": "1.0.0", "name": "twdh", "plugins": [
             {"type": "twill-bridge", "bridge": "twdhbr0",
-             "ipam": {"type": "host-local", "subnet": "10.235.1.0/31", "dataDir": data.path()}}
+             "ipam": {"type": "host-local", "subnet": "10.235.1.0/31", "dataDir": lc.data.path()}}
         ]}),
     );
-    let r = harness_run(&node, "add", bad.path(), &bin_path(), &pod, "dh2", &args);
+    let r = lc.run("add", "dh2", &[]);
     assert_ne!(r.status, 0);
     assert!(r.stderr.contains("too small"), "{}", r.stderr);
-    assert!(!pod.has_link("eth0"));
+    assert!(!lc.pod.has_link("eth0"));
 }
