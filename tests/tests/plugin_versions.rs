@@ -1,17 +1,32 @@
 //! Every verb of twill-bridge, twill-host-local and twill-loopback at every spec version,
 //! results parsed back as that version. Root only; each test in its own namespaces.
 
+use std::path::Path;
+
 use serde_json::{json, Value};
 use twill_common::cni::{CniResult, Version, SUPPORTED_VERSIONS};
-use twill_tests::cni::{exec, reservations, twill, with_prev, Invocation};
+use twill_tests::cni::{exec, reservations, twill, with_prev, Invocation, Reply};
 use twill_tests::netns::Netns;
 
-fn bridge_conf(version: &str, bridge: &str, subnet: &str, data: &std::path::Path) -> Value {
+fn bridge_conf(version: &str, bridge: &str, subnet: &str, data: &Path) -> Value {
     json!({
         "cniVersion": version, "name": "twv", "type": "twill-bridge", "bridge": bridge,
         "isGateway": true, "hairpinMode": true,
         "ipam": {"type": "twill-host-local", "subnet": subnet, "dataDir": data, "routes": [{"dst": "0.0.0.0/0"}]}
     })
+}
+
+/// Runs `verb` for container `id` with `pod` as its netns; the plugin runs inside `node`
+/// (`None`: the test's own namespace).
+fn in_pod(
+    node: Option<&Netns>,
+    bin: &Path,
+    verb: &str,
+    id: &str,
+    pod: &Netns,
+    conf: &Value,
+) -> Reply {
+    exec(node, bin, &Invocation::new(verb, id, &pod.path()), conf)
 }
 
 /// Asserts the version-specific shape and returns the parsed result.
@@ -61,13 +76,7 @@ fn bridge_every_verb_every_version() {
         let pod = Netns::new("pv");
         let id = format!("ctr-{i}");
         let conf = bridge_conf(version, "twvbr0", "10.201.0.0/24", data.path());
-        let add = exec(
-            Some(&node),
-            &bin,
-            &Invocation::new("ADD", &id, &pod.path()),
-            &conf,
-        )
-        .ok();
+        let add = in_pod(Some(&node), &bin, "ADD", &id, &pod, &conf).ok();
         let r = parse_as(version, &add, true);
         let ip = r.ips[0].address.ip().to_string();
         assert!(pod
@@ -82,10 +91,12 @@ fn bridge_every_verb_every_version() {
         );
         assert_eq!(reservations(data.path(), "twv").len(), 1);
 
-        let check = exec(
+        let check = in_pod(
             Some(&node),
             &bin,
-            &Invocation::new("CHECK", &id, &pod.path()),
+            "CHECK",
+            &id,
+            &pod,
             &with_prev(&conf, &add),
         );
         if ver >= Version::V0_4_0 {
@@ -139,13 +150,8 @@ fn bridge_dual_stack_reaches_both_gateways() {
         "runtimeConfig": {"mac": "02:42:0a:ca:00:09"}
     });
     let bin = twill("twill-bridge");
-    let add = exec(
-        Some(&node),
-        &bin,
-        &Invocation::new("ADD", "ds1", &pod.path()),
-        &conf,
-    )
-    .ok();
+    let add = in_pod(Some(&node), &bin, "ADD", "ds1", &pod, &conf).ok();
+    let prev = with_prev(&conf, &add);
     let r = parse_as("1.0.0", &add, true);
     assert_eq!(r.ips.len(), 2);
     assert_eq!(add["interfaces"][2]["mac"], "02:42:0a:ca:00:09");
@@ -169,23 +175,11 @@ fn bridge_dual_stack_reaches_both_gateways() {
     pod.exec(&["ping", "-6", "-c1", "-W2", "fd20:202::1"]);
     let routes6 = pod.exec(&["ip", "-6", "route", "show", "default"]);
     assert!(routes6.contains("via fd20:202::1"), "{routes6}");
-    exec(
-        Some(&node),
-        &bin,
-        &Invocation::new("CHECK", "ds1", &pod.path()),
-        &with_prev(&conf, &add),
-    )
-    .ok();
+    in_pod(Some(&node), &bin, "CHECK", "ds1", &pod, &prev).ok();
     // 0.2.0 keeps one address per family.
     let v02 = r.to_value("0.2.0").unwrap();
     assert_eq!(v02["ip6"]["gateway"], "fd20:202::1");
-    exec(
-        Some(&node),
-        &bin,
-        &Invocation::new("DEL", "ds1", &pod.path()),
-        &with_prev(&conf, &add),
-    )
-    .ok();
+    in_pod(Some(&node), &bin, "DEL", "ds1", &pod, &prev).ok();
     assert!(reservations(data.path(), "twds").is_empty());
     let rules = node.exec(&["nft", "list", "chain", "inet", "twill_masq", "postrouting"]);
     assert!(!rules.contains("twill:twds:ds1"), "{rules}");
@@ -202,16 +196,11 @@ fn host_local_every_verb_every_version() {
             "ipam": {"type": "twill-host-local", "subnet": "10.203.0.0/24", "dataDir": data.path(),
                      "routes": [{"dst": "10.0.0.0/8"}]}});
         let id = format!("h{i}");
-        let add = exec(None, &bin, &Invocation::new("ADD", &id, &pod.path()), &conf).ok();
+        let add = in_pod(None, &bin, "ADD", &id, &pod, &conf).ok();
         let r = parse_as(version, &add, false);
         assert_eq!(r.ips[0].gateway.unwrap().to_string(), "10.203.0.1");
         assert_eq!(r.routes[0].dst.to_string(), "10.0.0.0/8");
-        let check = exec(
-            None,
-            &bin,
-            &Invocation::new("CHECK", &id, &pod.path()),
-            &with_prev(&conf, &add),
-        );
+        let check = in_pod(None, &bin, "CHECK", &id, &pod, &with_prev(&conf, &add));
         if ver >= Version::V0_4_0 {
             check.ok();
         } else {
@@ -226,12 +215,7 @@ fn host_local_every_verb_every_version() {
         exec(None, &bin, &Invocation::new("DEL", &id, ""), &conf).ok();
         exec(None, &bin, &Invocation::new("DEL", &id, ""), &conf).ok();
         assert!(reservations(data.path(), "twh").is_empty());
-        let check = exec(
-            None,
-            &bin,
-            &Invocation::new("CHECK", &id, &pod.path()),
-            &with_prev(&conf, &add),
-        );
+        let check = in_pod(None, &bin, "CHECK", &id, &pod, &with_prev(&conf, &add));
         if ver >= Version::V0_4_0 {
             assert_eq!(
                 check.err_code(),
