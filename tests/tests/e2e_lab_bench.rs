@@ -9,11 +9,14 @@ use std::path::Path;
 use twill_tests::lab::{self, bench, Lab, LabOptions};
 
 /// Takes the lab down on drop, pass or fail.
-struct Guard(Option<Lab>, tempfile::TempDir);
+struct Guard {
+    lab: Option<Lab>,
+    _root: tempfile::TempDir,
+}
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if let Some(lab) = self.0.take() {
+        if let Some(lab) = self.lab.take() {
             let res = lab.down();
             if !std::thread::panicking() {
                 res.expect("lab down");
@@ -47,8 +50,11 @@ fn bench_measures_all_five_paths_and_cleans_up() {
     let lab = lab::up(o, 2, 1, &mut out).unwrap_or_else(|e| {
         panic!("lab up: {e}\n{}", String::from_utf8_lossy(&out));
     });
-    let mut g = Guard(Some(lab), root);
-    let lab = g.0.as_mut().unwrap();
+    let mut g = Guard {
+        lab: Some(lab),
+        _root: root,
+    };
+    let lab = g.lab.as_mut().unwrap();
     let before = lab_namespaces(&format!("{name}-"));
 
     let opts = bench::BenchOptions {
