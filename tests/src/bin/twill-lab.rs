@@ -53,9 +53,12 @@ enum Command {
     Down,
     /// Measure TCP throughput on a 2-node lab of its own (`<name>-bench`), removed afterwards.
     Bench {
-        #[arg(long, default_value_t = 5)]
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 4)]
         seconds: u32,
-        #[arg(long, default_value_t = 3)]
+        /// Interleaved rounds over all paths; one run varies by ~20 % on a busy 2-core
+        /// machine, so ratios are taken per round and their median reported.
+        #[arg(long, default_value_t = 9)]
         runs: u32,
         #[arg(long, default_value_t = 1)]
         streams: u32,
