@@ -431,33 +431,7 @@ impl Lab {
         self.save()?;
 
         add_netns(&ns)?;
-        let port = format!("ul-{name}");
-        // Created inside the node namespace with the peer moved into the underlay namespace.
-        run_in(
-            &ns,
-            &[
-                "ip",
-                "link",
-                "add",
-                NODE_IF,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &port,
-                "netns",
-                &self.st.underlay_ns,
-            ],
-        )?;
-        run_in(
-            &self.st.underlay_ns,
-            &["ip", "link", "set", &port, "master", UNDERLAY_BRIDGE, "up"],
-        )?;
-        run_in(
-            &ns,
-            &["ip", "addr", "add", &format!("{ip}/24"), "dev", NODE_IF],
-        )?;
-        run_in(&ns, &["ip", "link", "set", NODE_IF, "up"])?;
+        self.plug_into_underlay(&ns, &format!("ul-{name}"), ip)?;
         run_in(
             &ns,
             &["ip", "route", "add", "default", "via", &ETCD_IP.to_string()],
@@ -764,6 +738,28 @@ impl Lab {
         std::fs::remove_dir_all(&dir).map_err(io(dir))
     }
 
+    /// Connects `ns` to the underlay bridge: `eth0` inside with `ip`/24, its peer `port` a
+    /// port of the bridge. The pair is created inside `ns` with the peer moved straight into
+    /// the underlay namespace, so nothing ever appears in the root namespace.
+    fn plug_into_underlay(&self, ns: &str, port: &str, ip: Ipv4Addr) -> Result<()> {
+        let ul = &self.st.underlay_ns;
+        run_in(
+            ns,
+            &[
+                "ip", "link", "add", NODE_IF, "type", "veth", "peer", "name", port, "netns", ul,
+            ],
+        )?;
+        run_in(
+            ul,
+            &["ip", "link", "set", port, "master", UNDERLAY_BRIDGE, "up"],
+        )?;
+        run_in(
+            ns,
+            &["ip", "addr", "add", &format!("{ip}/24"), "dev", NODE_IF],
+        )?;
+        run_in(ns, &["ip", "link", "set", NODE_IF, "up"]).map(drop)
+    }
+
     /// Creates a namespace plugged into the underlay at 192.168.100.`host` (for benches).
     pub fn add_underlay_ns(&mut self, suffix: &str, host: u8) -> Result<String> {
         let ns = format!("{}-{}", self.name(), suffix);
@@ -771,39 +767,8 @@ impl Lab {
         self.st.extra_ns.push(ns.clone());
         self.save()?;
         add_netns(&ns)?;
-        let port = format!("ul-{suffix}");
-        run_in(
-            &ns,
-            &[
-                "ip",
-                "link",
-                "add",
-                NODE_IF,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &port,
-                "netns",
-                &self.st.underlay_ns,
-            ],
-        )?;
-        run_in(
-            &self.st.underlay_ns,
-            &["ip", "link", "set", &port, "master", UNDERLAY_BRIDGE, "up"],
-        )?;
-        run_in(
-            &ns,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("192.168.100.{host}/24"),
-                "dev",
-                NODE_IF,
-            ],
-        )?;
-        run_in(&ns, &["ip", "link", "set", NODE_IF, "up"])?;
+        let ip = Ipv4Addr::new(192, 168, 100, host);
+        self.plug_into_underlay(&ns, &format!("ul-{suffix}"), ip)?;
         Ok(ns)
     }
 
