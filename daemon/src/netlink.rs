@@ -394,12 +394,15 @@ impl Netlink {
         ignore_missing(self.handle.route().del(msg).execute().await)
     }
 
-    /// Deletes the main-table route to `dst` (whatever its next hop).
-    pub async fn route_del_dst(&self, dst: Ipv4Network) -> Result<()> {
+    /// Deletes twill's main-table route to `dst` out of `oif` (whatever its next hop). Device
+    /// and protocol are part of the match: when ours is already gone, the kernel would
+    /// otherwise delete the first other route to `dst` it finds, which twill does not own.
+    pub async fn route_del_dst(&self, dst: Ipv4Network, oif: u32) -> Result<()> {
         let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst.network(), dst.prefix())
+            .output_interface(oif)
             .build();
-        msg.header.protocol = RouteProtocol::Unspec;
+        msg.header.protocol = RouteProtocol::Other(TWILL_ROUTE_PROTO);
         msg.header.scope = RouteScope::NoWhere;
         msg.header.kind = RouteType::Unspec;
         self.route_del(msg).await

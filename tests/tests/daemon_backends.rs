@@ -76,6 +76,48 @@ fn host_gw_routes_via_peer_ip_and_restores_deleted_routes() {
 }
 
 #[test]
+fn removing_a_peer_never_deletes_a_route_twill_does_not_own() {
+    let ul = Underlay::new();
+    let etcd = ul.start_etcd(Some(
+        r#"{"Network":"10.16.0.0/16","Backend":{"Type":"host-gw"}}"#,
+    ));
+    // No reconcile pass during the test: only the lease event acts on the routes.
+    let a = Member::start(&ul, &etcd, &["--reconcile-interval=3600"]);
+    let mut b = start(&ul, &etcd, &[]);
+    a.wait_ready();
+    b.wait_ready();
+    assert!(wait_for(|| route_via(&a, &b), WAIT), "{}", routes(&a));
+    let bsub = b.subnet().to_string();
+    // An operator's backup route to the same subnet, then twill's own route goes missing.
+    let bip = b.node.ip.to_string();
+    let ns = &a.node.ns;
+    ns.exec(&[
+        "ip", "route", "add", &bsub, "via", &bip, "dev", "eth0", "metric", "100",
+    ]);
+    ns.exec(&["ip", "route", "del", &bsub, "proto", "116"]);
+    let has_backup = || {
+        routes(&a).lines().any(|l| {
+            l.starts_with(&format!("{bsub} via {bip} dev eth0")) && l.contains("metric 100")
+        })
+    };
+    assert!(has_backup(), "{}", routes(&a));
+    b.daemon.kill();
+    etcd.etcdctl(&["del", &b.lease_key()]);
+    assert!(
+        wait_for(|| a.daemon.log().contains("peer lease removed"), WAIT),
+        "{}",
+        a.daemon.log()
+    );
+    // The removal is handled right after the log line; give it a moment to reach the kernel.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        has_backup(),
+        "twilld deleted a route it does not own:\n{}",
+        routes(&a)
+    );
+}
+
+#[test]
 fn direct_routing_uses_plain_routes_on_shared_l2() {
     let ul = Underlay::new();
     let etcd = ul.start_etcd(Some(

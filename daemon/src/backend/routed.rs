@@ -306,14 +306,14 @@ impl RoutedBackend {
         };
         match path {
             Path::Vxlan { gw, mac, public } => {
-                note(nl.route_del_dst(subnet).await);
+                note(nl.route_del_dst(subnet, self.dev_index).await);
                 note(nl.neigh_del(Netlink::neigh_msg(self.dev_index, gw)).await);
                 note(
                     nl.neigh_del(Netlink::fdb_msg(self.dev_index, mac, public))
                         .await,
                 );
             }
-            Path::Direct { .. } => note(nl.route_del_dst(subnet).await),
+            Path::Direct { .. } => note(nl.route_del_dst(subnet, self.underlay.index).await),
         }
         first_err.map_or(Ok(()), Err)
     }
