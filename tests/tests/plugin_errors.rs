@@ -238,6 +238,49 @@ fn existing_ifname_fails_and_rolls_back() {
 }
 
 #[test]
+fn retried_add_of_a_live_container_keeps_its_address() {
+    let node = Netns::new("nr");
+    let pod = Netns::new("pr");
+    let data = tempfile::tempdir().unwrap();
+    let mut c = base(data.path());
+    c["ipam"]["subnet"] = json!("10.222.0.0/24");
+    let bin = twill("twill-bridge");
+    let add = Invocation::new("ADD", "retry1", &pod.path());
+    let first = exec(Some(&node), &bin, &add, &c).ok();
+    let ip = first["ips"][0]["address"].as_str().unwrap().to_string();
+    let reserved = twill_tests::cni::reservations(data.path(), "twerr");
+    assert_eq!(reserved.len(), 1);
+    // The runtime retries the ADD (e.g. after a timeout): IPAM refuses the duplicate...
+    let r = exec(Some(&node), &bin, &add, &c);
+    assert_eq!(r.err_code(), 999, "{}", r.stdout);
+    assert!(r.stdout.contains("duplicate allocation"), "{}", r.stdout);
+    // ...and the failure must not release the address the live pod still uses.
+    assert_eq!(
+        twill_tests::cni::reservations(data.path(), "twerr"),
+        reserved
+    );
+    let other = Netns::new("pr");
+    let second = exec(
+        Some(&node),
+        &bin,
+        &Invocation::new("ADD", "retry2", &other.path()),
+        &c,
+    )
+    .ok();
+    assert_ne!(second["ips"][0]["address"].as_str().unwrap(), ip);
+    for (id, p) in [("retry1", &pod), ("retry2", &other)] {
+        exec(
+            Some(&node),
+            &bin,
+            &Invocation::new("DEL", id, &p.path()),
+            &c,
+        )
+        .ok();
+    }
+    assert!(twill_tests::cni::reservations(data.path(), "twerr").is_empty());
+}
+
+#[test]
 fn bridge_with_another_address_needs_force_address() {
     let node = Netns::new("nf");
     let pod = Netns::new("pf");

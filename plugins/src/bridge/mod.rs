@@ -342,9 +342,9 @@ impl Bridge {
         bc: &BridgeConf,
         ns: File,
         ns_fd: File,
+        mac: Option<[u8; 6]>,
+        mut result: CniResult,
     ) -> Result<CniResult, CniError> {
-        let mac = requested_mac(req)?;
-        let mut result = ipam_add(req)?;
         if !req.conf.ipam_type().is_empty() && result.ips.is_empty() {
             return Err(CniError::internal("IPAM plugin returned missing IP config"));
         }
@@ -413,12 +413,16 @@ impl Bridge {
 impl Plugin for Bridge {
     fn add(&self, req: &Request) -> Result<CniResult, CniError> {
         let bc = BridgeConf::load(&req.conf)?;
-        requested_mac(req)?;
+        let mac = requested_mac(req)?;
         let ns = open_netns(req)?;
         let ns_fd = ns
             .try_clone()
             .map_err(|e| CniError::internal(format!("dup netns fd: {e}")))?;
-        let r = self.add_inner(req, &bc, ns, ns_fd);
+        // A failed IPAM ADD reserved nothing of ours: rolling back with an IPAM DEL would
+        // release the addresses of an earlier, live ADD of the same container (a retried ADD
+        // fails as a duplicate allocation), and the next pod would get the same IP.
+        let result = ipam_add(req)?;
+        let r = self.add_inner(req, &bc, ns, ns_fd, mac, result);
         if r.is_err() {
             // Undo the reservation; the netlink job already removed its veth.
             let _ = ipam_other(req, Command::Del);
