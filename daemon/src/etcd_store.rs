@@ -12,7 +12,7 @@ use etcd_client::{
 };
 use ipnetwork::Ipv4Network;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::cli::EtcdArgs;
 use crate::error::{Error, Result};
@@ -23,6 +23,10 @@ use crate::store::{LeaseEvent, StoreUpdate, SubnetStore};
 /// Backoff between reconnect attempts: 100 ms doubling up to 5 s (flannel's bounds).
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Logged (at warn, so an operator sees it) for a key under `subnets/` that is skipped.
+const UNPARSEABLE: &str =
+    "ignoring a lease that is not in flannel's format (key <a.b.c.d>-<len>, JSON value with PublicIP)";
 
 #[derive(Clone)]
 pub struct EtcdStore {
@@ -156,7 +160,7 @@ impl SubnetStore for EtcdStore {
         for kv in resp.kvs() {
             match EtcdStore::kv_to_lease(kv) {
                 Some(l) => out.push(l),
-                None => debug!(key = ?kv.key_str(), "ignoring unparseable lease"),
+                None => warn!(key = %String::from_utf8_lossy(kv.key()), "{UNPARSEABLE}"),
             }
         }
         Ok((out, rev))
@@ -339,9 +343,10 @@ impl SubnetStore for EtcdStore {
                             match ev.event_type() {
                                 EventType::Put => match EtcdStore::kv_to_lease(kv) {
                                     Some(l) => events.push(LeaseEvent::Put(l)),
-                                    None => {
-                                        debug!(key = ?kv.key_str(), "ignoring unparseable lease")
-                                    }
+                                    None => warn!(
+                                        key = %String::from_utf8_lossy(kv.key()),
+                                        "{UNPARSEABLE}"
+                                    ),
                                 },
                                 EventType::Delete => {
                                     if let Some(s) = kv.key_str().ok().and_then(parse_subnet_key) {

@@ -430,3 +430,57 @@ fn etcd_basic_auth() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(!b.dirs.conflist().exists(), "{}", b.daemon.log());
 }
+
+#[test]
+fn malformed_and_foreign_leases_are_skipped_with_a_log() {
+    let ul = Underlay::new();
+    let etcd = ul.start_etcd(Some(CONFIG));
+    let put = |name: &str, value: &str| {
+        etcd.etcdctl(&["put", &format!("{FLANNEL_PREFIX}/subnets/{name}"), value]);
+    };
+    // Seen in the first listing...
+    put("10.5.90.0-24", "{not json");
+    put("10.5.91.0-24", r#"{"PublicIP":42,"BackendType":"vxlan"}"#);
+    let mut a = Member::start(&ul, &etcd, &[]);
+    a.wait_ready();
+    // ...and as watch events.
+    put("10.5.92.0-24", r#"["a","list"]"#);
+    put(
+        "10.5.93.0-24",
+        r#"{"PublicIP":"192.168.100.93","PublicIPv6":null,"BackendType":"host-gw"}"#,
+    );
+    put(
+        "10.5.94.0-24",
+        &format!(
+            r#"{{"PublicIP":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:94:01"}}}}"#,
+            a.node.ip
+        ),
+    );
+    let good = r#"{"PublicIP":"192.168.100.95","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:95:01"}}"#;
+    put("10.5.95.0-24", good);
+    assert!(
+        wait_for(
+            || has_peer(&a, "10.5.95.0/24", "02:00:00:00:95:01", "192.168.100.95"),
+            WAIT
+        ),
+        "{}",
+        a.daemon.log()
+    );
+    assert!(a.daemon.wait_exit(Duration::from_millis(200)).is_none());
+    let routes = a.node.ns.exec(&["ip", "-4", "route", "show"]);
+    for n in 90..=94 {
+        assert!(
+            !routes.contains(&format!("10.5.{n}.0/24")),
+            "10.5.{n}.0/24 must not be programmed:\n{routes}"
+        );
+    }
+    // An operator must be able to see why a lease is ignored.
+    let log = a.daemon.log();
+    for n in 90..=92 {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("WARN") && l.contains(&format!("10.5.{n}.0-24"))),
+            "no warning for the malformed lease 10.5.{n}.0-24:\n{log}"
+        );
+    }
+}
