@@ -233,3 +233,42 @@ fn status_reports_50_when_the_pool_is_full() {
     .ok();
     exec(Some(&node), &bin, &Invocation::new("STATUS", "", ""), &c).ok();
 }
+
+#[test]
+fn re_add_into_the_same_netns_right_after_del_reuses_name_and_address() {
+    let node = Netns::new("nr");
+    let pod = Netns::new("pr");
+    let data = tempfile::tempdir().unwrap();
+    let c = conf("twreadd", "twrabr0", "10.212.0.0/24", data.path(), true);
+    let bin = twill("twill-bridge");
+    let parked = |p: &Netns| {
+        p.exec(&["ip", "-o", "link", "show"])
+            .lines()
+            .filter(|l| l.contains("twdel"))
+            .count()
+    };
+    // Same container ID, ifname and address each time (a runtime that keeps the netns).
+    let inv = |verb: &str| Invocation::new(verb, "readd", &pod.path()).args("IP=10.212.0.9");
+    for _ in 0..5 {
+        let r = exec(Some(&node), &bin, &inv("ADD"), &c).ok();
+        assert_eq!(r["ips"][0]["address"], "10.212.0.9/24");
+        exec(Some(&node), &bin, &inv("DEL"), &with_prev(&c, &r)).ok();
+    }
+    let r = exec(Some(&node), &bin, &inv("ADD"), &c).ok();
+    assert!(pod
+        .exec(&["ip", "-4", "-o", "addr", "show", "dev", "eth0"])
+        .contains("10.212.0.9/24"));
+    assert!(
+        eventually(10, || parked(&pod) == 0 && host_veths(&node).len() == 1),
+        "parked links or host veths left: {} / {:?}",
+        pod.exec(&["ip", "-o", "link", "show"]),
+        host_veths(&node)
+    );
+    assert!(pod
+        .exec(&["ip", "-4", "route", "show"])
+        .contains("default via 10.212.0.1 dev eth0"));
+    assert_eq!(masq_rules(&node).len(), 1);
+    exec(Some(&node), &bin, &inv("DEL"), &with_prev(&c, &r)).ok();
+    assert!(reservations(data.path(), "twreadd").is_empty());
+    assert!(eventually(10, || parked(&pod) == 0 && host_veths(&node).is_empty()));
+}
