@@ -290,6 +290,19 @@ fn gc_deletes_stale_attachments_only() {
         "valid attachment kept"
     );
     assert!(node.reservation(&keep_ip).exists());
+    // Another network of this plugin sharing the dataDir: its GC lists only its own attachments
+    // and must leave this network's alone.
+    let mut other = list.plugins[0].clone();
+    other.insert("name".into(), json!("twill-other"));
+    other.insert("cniVersion".into(), json!("1.1.0"));
+    other.insert("cni.dev/valid-attachments".into(), json!([]));
+    rt.exec("GC", "twill", &Value::Object(other), None)
+        .expect("GC of another network");
+    assert!(
+        node.saved(&keep.container_id).exists(),
+        "another network's GC removed this network's attachment"
+    );
+    assert!(node.reservation(&keep_ip).exists());
     keep_ns.exec(&["ping", "-c", "1", "-W", "2", "10.250.3.1"]);
     rt.del(Some(&list), &keep).expect("DEL keep");
     // The stale pod's host veth goes with its netns, which the kernel tears down asynchronously.

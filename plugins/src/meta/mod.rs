@@ -139,7 +139,7 @@ impl Plugin for Meta {
                 if valid.iter().any(|a| a.container_id == id) {
                     continue;
                 }
-                if let Err(e) = self.gc_one(&meta, &id, &req.env.path) {
+                if let Err(e) = self.gc_one(&meta, &req.conf.name, &id, &req.env.path) {
                     errors.push(format!("{id}: {e}"));
                 }
             }
@@ -177,9 +177,12 @@ impl Plugin for Meta {
 
 impl Meta {
     /// A synthesised DEL of a stale attachment (its netns is assumed gone), then the file goes.
+    /// Only attachments of `network`: the runtime lists the valid attachments of the network
+    /// it collects, and networks of this plugin may share a dataDir.
     fn gc_one(
         &self,
         meta: &MetaConf,
+        network: &str,
         id: &str,
         path: &[std::path::PathBuf],
     ) -> Result<(), CniError> {
@@ -188,6 +191,9 @@ impl Meta {
         };
         let saved = parse_saved(&bytes)
             .ok_or_else(|| CniError::decoding("saved config is not a JSON object"))?;
+        if saved.get("name").and_then(Value::as_str) != Some(network) {
+            return Ok(());
+        }
         let bin = find_in_path(&delegate_type(&saved), path)?;
         // The saved file does not record the ifname; runtimes use eth0 for the pod network.
         exec_plugin(
