@@ -191,6 +191,37 @@ fn add_renders_saves_then_del_cleans_up() {
         .expect("DEL without saved config succeeds");
 }
 
+/// flannel#1850: after the node's subnet changed, cni0 still holds the old gateway and every new
+/// pod failed with "already has an IP address different from". twill moves the gateway.
+#[test]
+fn new_subnet_moves_the_bridge_gateway_instead_of_failing_pods() {
+    let node = Node::new(true);
+    node.write_subnet_env();
+    let list = node.list();
+    let rt = node.runtime();
+    let old = Netns::new("p");
+    let a = attachment(&old);
+    rt.add(&list, &a).expect("ADD in the first subnet");
+    rt.del(Some(&list), &a).expect("DEL");
+
+    fs::write(
+        node.root.join("subnet.env"),
+        SUBNET_ENV.replace("10.250.3.1/24", "10.250.9.1/24"),
+    )
+    .unwrap();
+    let pod = Netns::new("p");
+    let b = attachment(&pod);
+    let result = rt.add(&list, &b).expect("ADD after the subnet changed");
+    assert!(ip_of(&result).starts_with("10.250.9."), "{result}");
+    let cni0 = node
+        .ns
+        .exec(&["ip", "-o", "-4", "addr", "show", "dev", "cni0"]);
+    assert!(cni0.contains("10.250.9.1/24"), "gateway not moved: {cni0}");
+    assert!(!cni0.contains("10.250.3.1/24"), "old gateway kept: {cni0}");
+    pod.exec(&["ping", "-c", "1", "-W", "2", "10.250.9.1"]);
+    rt.del(Some(&list), &b).expect("DEL");
+}
+
 #[test]
 fn failed_delegate_del_keeps_the_saved_config() {
     let node = Node::new(true);

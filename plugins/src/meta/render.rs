@@ -99,6 +99,10 @@ pub fn render(
     );
     if is_bridge {
         d.entry("isGateway").or_insert_with(|| json!(true));
+        // The gateway follows subnet.env: when the node's subnet changed (lease lost, new
+        // PublicIP), cni0 still holds the old gateway and flannel fails every new pod with
+        // "already has an IP address different from" (flannel#1850). Repair it instead.
+        d.entry("forceAddress").or_insert_with(|| json!(true));
     }
     d.insert("name".into(), json!(conf.name));
     d.insert("cniVersion".into(), json!(conf.version()));
@@ -168,7 +172,7 @@ mod tests {
         assert_eq!(
             Value::Object(d),
             json!({"type":"twill-bridge","ipMasq":false,"mtu":1472,"isGateway":true,
-                "hairpinMode":true,"isDefaultGateway":true,"name":"cni-flannel","cniVersion":"0.3.1",
+                "forceAddress":true,"hairpinMode":true,"isDefaultGateway":true,"name":"cni-flannel","cniVersion":"0.3.1",
                 "ipam":{"type":"twill-host-local","dataDir":"/x/networks",
                         "ranges":[[{"subnet":"10.1.17.0/24"}]],"routes":[{"dst":"10.1.0.0/16"}]},
                 "runtimeConfig":{"portMappings":[]}})
@@ -190,8 +194,8 @@ mod tests {
             (Some("ptp"), Some(false), Some(1400))
         );
         assert!(
-            d.get("isGateway").is_none(),
-            "isGateway is for bridges only"
+            d.get("isGateway").is_none() && d.get("forceAddress").is_none(),
+            "isGateway and forceAddress are for bridges only"
         );
         assert_eq!(d["ipam"]["type"], "host-local");
         assert_eq!(
