@@ -272,3 +272,38 @@ fn re_add_into_the_same_netns_right_after_del_reuses_name_and_address() {
     assert!(reservations(data.path(), "twreadd").is_empty());
     assert!(eventually(10, || parked(&pod) == 0 && host_veths(&node).is_empty()));
 }
+
+/// A reaper killed before it deleted its parked link (node reboot of the runtime, OOM) leaves a
+/// `twdel…` link in a netns the runtime keeps; the next DEL there sweeps it too.
+#[test]
+fn del_sweeps_parked_links_a_killed_reaper_left_behind() {
+    let node = Netns::new("nk");
+    let pod = Netns::new("pk");
+    let data = tempfile::tempdir().unwrap();
+    let c = conf("twsweep", "twswbr0", "10.213.0.0/24", data.path(), false);
+    let bin = twill("twill-bridge");
+    // What a killed reaper leaves: a parked veth inside the pod, its peer in the node.
+    pod.exec(&[
+        "ip",
+        "link",
+        "add",
+        "twdeldead",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vethdead",
+        "netns",
+        node.name(),
+    ]);
+    let inv = |verb: &str| Invocation::new(verb, "sweep", &pod.path());
+    let r = exec(Some(&node), &bin, &inv("ADD"), &c).ok();
+    exec(Some(&node), &bin, &inv("DEL"), &with_prev(&c, &r)).ok();
+    assert!(
+        eventually(10, || !pod.has_link("twdeldead")
+            && host_veths(&node).is_empty()),
+        "leftover parked link not swept: {} / {:?}",
+        pod.exec(&["ip", "-o", "link", "show"]),
+        host_veths(&node)
+    );
+}

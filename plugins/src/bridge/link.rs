@@ -217,6 +217,22 @@ pub async fn park_link(h: &Handle, ifname: &str) -> Result<Option<String>, CniEr
     ))
 }
 
+/// Names of all parked links: the one just parked, and any a killed reaper left behind.
+pub async fn parked_links(h: &Handle) -> Result<Vec<String>, CniError> {
+    let mut names = Vec::new();
+    let mut links = h.link().get().execute();
+    while let Some(l) = links.try_next().await.map_err(nl_err("list links"))? {
+        for a in &l.attributes {
+            if let LinkAttribute::IfName(n) = a {
+                if n.starts_with(PARKED_PREFIX) {
+                    names.push(n.clone());
+                }
+            }
+        }
+    }
+    Ok(names)
+}
+
 /// Adds `addr` (address with prefix) to a link; EEXIST is fine. `nodad` skips IPv6 DAD.
 pub async fn add_addr(
     h: &Handle,

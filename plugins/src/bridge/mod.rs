@@ -291,11 +291,11 @@ async fn add_links(
     })
 }
 
-/// Deletes a parked container link in a forked child, so DEL does not wait for the kernel's
+/// Deletes parked container links in a forked child, so DEL does not wait for the kernel's
 /// veth teardown. Called last, when this process is single-threaded again (the netlink thread
 /// was joined) and holds no lock; the child drops our stdio at once because the runtime reads
-/// our stdout to EOF. If the fork fails the link is deleted here, synchronously.
-fn reap_later(netns_path: &std::path::Path, name: &str) -> Result<(), CniError> {
+/// our stdout to EOF. If the fork fails the links are deleted here, synchronously.
+fn reap_later(ns: File, names: Vec<String>) -> Result<(), CniError> {
     use nix::unistd::{dup2_stderr, dup2_stdin, dup2_stdout, fork, setsid, ForkResult};
     // SAFETY: no other thread exists at this point, so the child may allocate and spawn threads.
     match unsafe { fork() } {
@@ -311,25 +311,24 @@ fn reap_later(netns_path: &std::path::Path, name: &str) -> Result<(), CniError> 
                 let _ = dup2_stderr(&null);
             }
             let _ = setsid();
-            let code = i32::from(reap(netns_path, name).is_err());
+            let code = i32::from(reap(ns, names).is_err());
             // SAFETY: _exit skips atexit handlers and stdio flushing that belong to the parent.
             unsafe { libc::_exit(code) }
         }
-        Err(_) => reap(netns_path, name),
+        Err(_) => reap(ns, names),
     }
 }
 
-fn reap(netns_path: &std::path::Path, name: &str) -> Result<(), CniError> {
-    if !name.starts_with(link::PARKED_PREFIX) {
-        return Err(CniError::invalid_env(format!("refusing to reap {name:?}")));
+fn reap(ns: File, names: Vec<String>) -> Result<(), CniError> {
+    if let Some(bad) = names.iter().find(|n| !n.starts_with(link::PARKED_PREFIX)) {
+        return Err(CniError::invalid_env(format!("refusing to reap {bad:?}")));
     }
-    let Ok(Some(ns)) = netns::open_if_live(netns_path) else {
-        return Ok(());
-    };
-    let name = name.to_string();
     run(Some(ns), move |s| async move {
         let ch = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
-        link::del_link_by_name(&ch, &name).await.map(|_| ())
+        for name in &names {
+            link::del_link_by_name(&ch, name).await?;
+        }
+        Ok(())
     })
 }
 
@@ -440,12 +439,20 @@ impl Plugin for Bridge {
                 CniError::internal(format!("failed to open netns {:?}: {e}", p.display()))
             })?;
             if let Some(ns) = ns {
+                // The reaper gets the namespace by fd: the runtime may unmount the path as
+                // soon as we return.
+                let keep = ns
+                    .try_clone()
+                    .map_err(|e| CniError::internal(format!("dup netns fd: {e}")))?;
                 let ifname = req.env.ifname.clone();
-                let parked_link = run(Some(ns), move |s| async move {
+                let names = run(Some(ns), move |s| async move {
                     let ch = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
-                    link::park_link(&ch, &ifname).await
+                    link::park_link(&ch, &ifname).await?;
+                    link::parked_links(&ch).await
                 })?;
-                parked = parked_link.map(|n| (p.clone(), n));
+                if !names.is_empty() {
+                    parked = Some((keep, names));
+                }
             }
         }
         let released = ipam_other(req, Command::Del).and_then(|()| {
@@ -455,8 +462,8 @@ impl Plugin for Bridge {
                 Ok(())
             }
         });
-        if let Some((p, name)) = parked {
-            reap_later(&p, &name)?;
+        if let Some((ns, names)) = parked {
+            reap_later(ns, names)?;
         }
         released
     }
