@@ -212,11 +212,6 @@ impl Env {
         })
     }
 
-    /// The calling process's environment.
-    pub fn from_process() -> Result<Env, CniError> {
-        Env::from_lookup(|k| std::env::var(k).ok())
-    }
-
     /// Checks container ID and ifname for the verbs that carry them.
     pub fn validate(&self) -> Result<(), CniError> {
         if matches!(self.command, Command::Add | Command::Del | Command::Check) {
