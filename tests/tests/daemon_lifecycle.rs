@@ -24,14 +24,26 @@ fn start(ul: &Underlay, etcd: &Etcd, extra: &[&str]) -> Member {
     Member::start(ul, etcd, &[&["--reconcile-interval=1"], extra].concat())
 }
 
+/// Two nodes ([`start`]ed with `extra_a` and `extra_b`), both ready and each carrying the
+/// other's VXLAN entries.
+fn meshed_pair(ul: &Underlay, etcd: &Etcd, extra_a: &[&str], extra_b: &[&str]) -> (Member, Member) {
+    let a = start(ul, etcd, extra_a);
+    let b = start(ul, etcd, extra_b);
+    a.wait_ready();
+    b.wait_ready();
+    assert!(
+        wait_for(|| a.sees(&b) && b.sees(&a), WAIT),
+        "{:?}\n{:?}",
+        a.vtep_state(),
+        b.vtep_state()
+    );
+    (a, b)
+}
+
 #[test]
 fn restart_keeps_subnet_mac_and_data_path() {
     let (ul, etcd) = setup(CONFIG);
-    let mut a = start(&ul, &etcd, &[]);
-    let b = start(&ul, &etcd, &[]);
-    a.wait_ready();
-    b.wait_ready();
-    assert!(wait_for(|| b.sees(&a) && a.sees(&b), WAIT));
+    let (mut a, b) = meshed_pair(&ul, &etcd, &[], &[]);
     let (subnet, mac, key) = (a.subnet(), a.mac(), a.lease_key());
     let ga = add_pod_bridge(&a.node.ns, subnet).to_string();
     let gb = add_pod_bridge(&b.node.ns, b.subnet()).to_string();
@@ -149,15 +161,12 @@ fn racing_nodes_get_distinct_subnets_or_fail_cleanly() {
 #[test]
 fn vtep_deletion_heals_and_reconcile_removes_drift() {
     let (ul, etcd) = setup(CONFIG);
-    let a = start(
+    let (a, b) = meshed_pair(
         &ul,
         &etcd,
         &["--healthz-ip=127.0.0.1", "--healthz-port=18082"],
+        &[],
     );
-    let b = start(&ul, &etcd, &[]);
-    a.wait_ready();
-    b.wait_ready();
-    assert!(wait_for(|| a.sees(&b) && b.sees(&a), WAIT));
     let ga = add_pod_bridge(&a.node.ns, a.subnet()).to_string();
     let gb = add_pod_bridge(&b.node.ns, b.subnet()).to_string();
     let mac = a.mac();
@@ -246,11 +255,7 @@ fn vtep_deletion_heals_and_reconcile_removes_drift() {
 #[test]
 fn expired_lease_removes_peer_and_renewal_keeps_ours() {
     let (ul, etcd) = setup(CONFIG);
-    let a = start(&ul, &etcd, &["--lease-ttl=6"]);
-    let mut b = start(&ul, &etcd, &["--lease-ttl=6"]);
-    a.wait_ready();
-    b.wait_ready();
-    assert!(wait_for(|| a.sees(&b), WAIT));
+    let (a, mut b) = meshed_pair(&ul, &etcd, &["--lease-ttl=6"], &["--lease-ttl=6"]);
     let (bsub, bmac, bkey) = (b.subnet().to_string(), b.mac(), b.lease_key());
     // b dies without a word (SIGKILL): its lease expires and a drops the peer.
     b.daemon.kill();
@@ -277,15 +282,12 @@ fn expired_lease_removes_peer_and_renewal_keeps_ours() {
 #[test]
 fn etcd_outage_keeps_data_path_and_recovers() {
     let (ul, mut etcd) = setup(CONFIG);
-    let a = start(
+    let (a, b) = meshed_pair(
         &ul,
         &etcd,
         &["--healthz-ip=127.0.0.1", "--healthz-port=18083"],
+        &[],
     );
-    let b = start(&ul, &etcd, &[]);
-    a.wait_ready();
-    b.wait_ready();
-    assert!(wait_for(|| a.sees(&b) && b.sees(&a), WAIT));
     let ga = add_pod_bridge(&a.node.ns, a.subnet()).to_string();
     let gb = add_pod_bridge(&b.node.ns, b.subnet()).to_string();
 
@@ -338,11 +340,7 @@ fn etcd_outage_keeps_data_path_and_recovers() {
 #[test]
 fn compaction_and_missed_events_are_recovered_by_relisting() {
     let (ul, etcd) = setup(CONFIG);
-    let a = start(&ul, &etcd, &[]);
-    let mut c = start(&ul, &etcd, &[]);
-    a.wait_ready();
-    c.wait_ready();
-    assert!(wait_for(|| a.sees(&c), WAIT));
+    let (a, mut c) = meshed_pair(&ul, &etcd, &[], &[]);
     let (csub, cmac, ckey) = (c.subnet().to_string(), c.mac(), c.lease_key());
     c.daemon.terminate();
 
@@ -406,11 +404,7 @@ fn compaction_and_missed_events_are_recovered_by_relisting() {
 #[test]
 fn deleted_own_lease_is_reacquired_with_the_same_subnet() {
     let (ul, etcd) = setup(CONFIG);
-    let a = start(&ul, &etcd, &[]);
-    let b = start(&ul, &etcd, &[]);
-    a.wait_ready();
-    b.wait_ready();
-    assert!(wait_for(|| b.sees(&a), WAIT));
+    let (a, b) = meshed_pair(&ul, &etcd, &[], &[]);
     let (subnet, key) = (a.subnet(), a.lease_key());
     let rev_before = etcd.revision();
     etcd.etcdctl(&["del", &key]);
