@@ -34,21 +34,29 @@ fn route_via(m: &Member, peer: &Member) -> bool {
     routes(m).lines().any(|l| l.starts_with(&want))
 }
 
+/// Two nodes ([`start`]ed without extra flags), both ready and each with its route to the other
+/// via the peer's underlay address.
+fn routed_pair(ul: &Underlay, etcd: &Etcd) -> (Member, Member) {
+    let a = start(ul, etcd, &[]);
+    let b = start(ul, etcd, &[]);
+    a.wait_ready();
+    b.wait_ready();
+    assert!(
+        wait_for(|| route_via(&a, &b) && route_via(&b, &a), WAIT),
+        "{}\n{}",
+        routes(&a),
+        routes(&b)
+    );
+    (a, b)
+}
+
 #[test]
 fn host_gw_routes_via_peer_ip_and_restores_deleted_routes() {
     let ul = Underlay::new();
     let etcd = ul.start_etcd(Some(
         r#"{"Network":"10.6.0.0/16","Backend":{"Type":"host-gw"}}"#,
     ));
-    let a = start(&ul, &etcd, &[]);
-    let b = start(&ul, &etcd, &[]);
-    a.wait_ready();
-    b.wait_ready();
-    assert!(
-        wait_for(|| route_via(&a, &b) && route_via(&b, &a), WAIT),
-        "{}",
-        routes(&a)
-    );
+    let (a, b) = routed_pair(&ul, &etcd);
     assert!(!a.node.ns.has_link("twill.1"), "host-gw has no VTEP");
     assert!(a.env().contains("FLANNEL_MTU=1500\n"), "{}", a.env());
     let lease = etcd
@@ -123,15 +131,7 @@ fn direct_routing_uses_plain_routes_on_shared_l2() {
     let etcd = ul.start_etcd(Some(
         r#"{"network":"10.7.0.0/16","backend":{"type":"vxlan","directrouting":true}}"#,
     ));
-    let a = start(&ul, &etcd, &[]);
-    let b = start(&ul, &etcd, &[]);
-    a.wait_ready();
-    b.wait_ready();
-    assert!(
-        wait_for(|| route_via(&a, &b) && route_via(&b, &a), WAIT),
-        "{}",
-        routes(&a)
-    );
+    let (a, b) = routed_pair(&ul, &etcd);
     let (neigh, fdb, dev_routes) = vtep_state(&a.node.ns, "twill.1");
     assert!(
         neigh.trim().is_empty() && fdb.trim().is_empty() && dev_routes.trim().is_empty(),
