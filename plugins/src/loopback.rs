@@ -31,20 +31,11 @@ async fn lo_addrs(h: &Handle, index: u32) -> Result<Vec<IpNetwork>, CniError> {
     Ok(out)
 }
 
-fn open_ns(req: &Request) -> Result<std::fs::File, CniError> {
-    let p = req
-        .env
-        .netns
-        .as_ref()
-        .ok_or_else(|| CniError::invalid_env("CNI_NETNS missing"))?;
-    netns::open(p).map_err(|e| CniError::internal(format!("failed to open netns {:?}: {e}", p)))
-}
-
 pub struct Loopback;
 
 impl Plugin for Loopback {
     fn add(&self, req: &Request) -> Result<CniResult, CniError> {
-        let ns = open_ns(req)?;
+        let ns = req.env.open_netns()?;
         let addrs = run(Some(ns), |s| async move {
             let h = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
             let lo = link_by_name(&h, LO)
@@ -110,7 +101,7 @@ impl Plugin for Loopback {
     }
 
     fn check(&self, req: &Request) -> Result<(), CniError> {
-        let ns = open_ns(req)?;
+        let ns = req.env.open_netns()?;
         let up = run(Some(ns), |s| async move {
             let h = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
             let lo = link_by_name(&h, LO)

@@ -1,5 +1,6 @@
 //! The `CNI_*` environment, parsed and validated like the reference `skel`.
 
+use std::fs::File;
 use std::path::PathBuf;
 
 use super::error::{code, CniError};
@@ -210,6 +211,16 @@ impl Env {
             args: CniArgs::parse(&get("CNI_ARGS"))?,
             path,
         })
+    }
+
+    /// Opens `CNI_NETNS` for the verbs that need the namespace (code 4 when unset).
+    pub fn open_netns(&self) -> Result<File, CniError> {
+        let p = self
+            .netns
+            .as_ref()
+            .ok_or_else(|| CniError::invalid_env("required env variables [CNI_NETNS] missing"))?;
+        crate::netns::open(p)
+            .map_err(|e| CniError::internal(format!("failed to open netns {:?}: {e}", p.display())))
     }
 
     /// Checks container ID and ifname for the verbs that carry them.

@@ -180,16 +180,6 @@ fn calc_gateways(bc: &BridgeConf, r: &mut CniResult) -> Vec<IpNetwork> {
     gws
 }
 
-fn open_netns(req: &Request) -> Result<File, CniError> {
-    let p = req
-        .env
-        .netns
-        .as_ref()
-        .ok_or_else(|| CniError::invalid_env("required env variables [CNI_NETNS] missing"))?;
-    netns::open(p)
-        .map_err(|e| CniError::internal(format!("failed to open netns {:?}: {e}", p.display())))
-}
-
 fn write_sysctl(path: &str, value: &str) -> Result<(), CniError> {
     std::fs::write(path, value).map_err(|e| CniError::internal(format!("write {path}: {e}")))
 }
@@ -413,7 +403,7 @@ impl Plugin for Bridge {
     fn add(&self, req: &Request) -> Result<CniResult, CniError> {
         let bc = BridgeConf::load(&req.conf)?;
         let mac = requested_mac(req)?;
-        let ns = open_netns(req)?;
+        let ns = req.env.open_netns()?;
         let ns_fd = ns
             .try_clone()
             .map_err(|e| CniError::internal(format!("dup netns fd: {e}")))?;
@@ -475,7 +465,7 @@ impl Plugin for Bridge {
             .prev_result()?
             .ok_or_else(|| CniError::invalid_config("Required prevResult missing"))?;
         ipam_other(req, Command::Check)?;
-        let ns = open_netns(req)?;
+        let ns = req.env.open_netns()?;
         let netns_path = req
             .env
             .netns
