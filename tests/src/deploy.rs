@@ -2,12 +2,35 @@
 //! JSON, and lookups in them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
 /// twill's CNI plugin binaries: what the image ships and `install-cni` installs.
 pub const PLUGINS: [&str; 4] = crate::underlay::TWILL_PLUGINS;
+
+/// The built `twilld` with stdin closed, for its one-shot subcommands (`init-network`,
+/// `install-cni`, `--help`).
+pub fn twilld() -> Command {
+    let mut cmd = Command::new(crate::bins::bin("twilld"));
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `cmd` and returns its output; panics with its stdout and stderr unless it exits 0.
+pub fn output_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
 
 /// The workspace root (parent of the `tests` crate).
 pub fn repo() -> PathBuf {

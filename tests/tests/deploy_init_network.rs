@@ -9,17 +9,16 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use twill_tests::bins;
+use twill_tests::deploy::twilld;
 use twill_tests::etcd::{Etcd, Pki, ETCD, ETCDCTL};
 
 const KEY: &str = "/coreos.com/network/config";
 
 fn init_network(endpoint: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(bins::bin("twilld"))
+    twilld()
         .args(["init-network", "--etcd-endpoints", endpoint])
         .args(args)
         .envs(env.iter().copied())
-        .stdin(Stdio::null())
         .output()
         .expect("spawn twilld init-network")
 }
@@ -218,9 +217,8 @@ fn concurrent_runs_have_exactly_one_winner() {
     let children: Vec<(String, Child)> = (10..16)
         .map(|i| {
             let net = format!("10.{i}.0.0/16");
-            let child = Command::new(bins::bin("twilld"))
+            let child = twilld()
                 .args(["init-network", "--etcd-endpoints", &ep, "--network", &net])
-                .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()

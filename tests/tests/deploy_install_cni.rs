@@ -10,16 +10,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use twill_tests::bins;
-use twill_tests::deploy::PLUGINS;
+use twill_tests::deploy::{output_ok, twilld, PLUGINS};
 
 fn install(src: &Path, dest: &Path) -> Output {
-    Command::new(bins::bin("twilld"))
+    twilld()
         .args(["install-cni", "--src-dir"])
         .arg(src)
         .arg("--dest-dir")
         .arg(dest)
-        .stdin(Stdio::null())
         .output()
         .expect("spawn twilld install-cni")
 }
@@ -264,17 +262,11 @@ fn keeps_the_nodes_reference_plugins_and_skips_identical_files() {
 
     // A node without portmap gets the image's copy (dirs given as the manifest does, by env).
     fs::remove_file(dest.path().join("portmap")).unwrap();
-    let out = Command::new(bins::bin("twilld"))
-        .arg("install-cni")
-        .env("TWILLD_SRC_DIR", src.path())
-        .env("TWILLD_DEST_DIR", dest.path())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    output_ok(
+        twilld()
+            .arg("install-cni")
+            .env("TWILLD_SRC_DIR", src.path())
+            .env("TWILLD_DEST_DIR", dest.path()),
     );
     let out = Command::new(dest.path().join("portmap")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "image-portmap\n");

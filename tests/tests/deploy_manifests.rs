@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
-use twill_tests::bins;
-use twill_tests::deploy::{load_yaml, object, repo, PLUGINS};
+use twill_tests::deploy::{load_yaml, object, output_ok, repo, twilld, PLUGINS};
 use twill_tests::etcd::Etcd;
 
 /// Oldest and newest Kubernetes versions the manifests are validated against (schemas shipped
@@ -306,17 +305,11 @@ fn init_network_job_stores_the_configmaps_network() {
     let file = dir.path().join("net-conf.json");
     fs::write(&file, net_conf).unwrap();
     let prefix = cm["data"]["etcd-prefix"].as_str().expect("etcd-prefix");
-    let out = Command::new(bins::bin("twilld"))
-        .args(["init-network", "--etcd-endpoints", &etcd.endpoint()])
-        .args(["--etcd-prefix", prefix, "--config-file"])
-        .arg(&file)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    output_ok(
+        twilld()
+            .args(["init-network", "--etcd-endpoints", &etcd.endpoint()])
+            .args(["--etcd-prefix", prefix, "--config-file"])
+            .arg(&file),
     );
     let stored: Value =
         serde_json::from_str(&etcd.get(&format!("{prefix}/config")).expect("stored")).unwrap();
@@ -332,10 +325,7 @@ fn init_network_job_stores_the_configmaps_network() {
 #[test]
 fn every_flag_the_manifests_use_exists_in_twilld() {
     let help = |sub: Option<&str>| {
-        let mut cmd = Command::new(bins::bin("twilld"));
-        cmd.args(sub).arg("--help");
-        let out = cmd.output().expect("twilld --help");
-        assert!(out.status.success());
+        let out = output_ok(twilld().args(sub).arg("--help"));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let objs = all_objects();
