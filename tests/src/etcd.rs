@@ -239,25 +239,6 @@ impl Etcd {
             .expect("spawn etcdctl")
     }
 
-    /// `etcdctl` with `stdin` fed in (e.g. `txn` or many `put`s via `-w` scripts).
-    pub fn etcdctl_with_input(&self, args: &[&str], stdin: &[u8]) -> Output {
-        use std::io::Write;
-        let mut child = self
-            .etcdctl_cmd(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn etcdctl");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(stdin)
-            .expect("etcdctl stdin");
-        child.wait_with_output().expect("wait etcdctl")
-    }
-
     fn etcdctl_cmd(&self, args: &[&str]) -> Command {
         let endpoints = format!("--endpoints={}", self.endpoint());
         let mut cmd = match &self.netns {

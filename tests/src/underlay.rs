@@ -34,8 +34,6 @@ pub struct Node {
     pub ns: Netns,
     /// The node's underlay address (its public IP).
     pub ip: Ipv4Addr,
-    /// The interface in the node namespace.
-    pub ifname: String,
 }
 
 impl Node {
@@ -67,10 +65,6 @@ impl Underlay {
     /// Name of the underlay namespace (run etcd here, see [`Underlay::etcd_ip`]).
     pub fn ns_name(&self) -> &str {
         self.ns.name()
-    }
-
-    pub fn ns(&self) -> &Netns {
-        &self.ns
     }
 
     /// The bridge's own address, where an etcd started in [`Underlay::ns_name`] listens.
@@ -110,11 +104,7 @@ impl Underlay {
         ns.exec(&["ip", "link", "set", NODE_IF, "up"]);
         ns.exec(&["ip", "route", "add", "default", "via", "192.168.100.254"]);
         ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        Node {
-            ns,
-            ip,
-            ifname: NODE_IF.to_string(),
-        }
+        Node { ns, ip }
     }
 }
 
@@ -173,9 +163,6 @@ impl NodeDirs {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
 
-    pub fn root(&self) -> &std::path::Path {
-        self.root.path()
-    }
     pub fn subnet_file(&self) -> std::path::PathBuf {
         self.root.path().join("run/subnet.env")
     }
