@@ -5,6 +5,8 @@ use std::fs::File;
 use std::future::Future;
 
 use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::Handle;
 
@@ -99,6 +101,28 @@ pub async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>,
         Err(e) if is_not_found(&e) => Ok(None),
         Err(e) => Err(nl_err(format!("get link {name}"))(e)),
     }
+}
+
+/// Addresses of one link, with the messages that carry them (to delete one).
+pub async fn addrs_of(
+    h: &Handle,
+    index: u32,
+) -> Result<Vec<(IpNetwork, AddressMessage)>, CniError> {
+    let mut s = h.address().get().set_link_index_filter(index).execute();
+    let mut out = Vec::new();
+    while let Some(m) = s.try_next().await.map_err(nl_err("list addresses"))? {
+        if m.header.index != index {
+            continue;
+        }
+        let ip = m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        });
+        if let Some(n) = ip.and_then(|ip| IpNetwork::new(ip, m.header.prefix_len).ok()) {
+            out.push((n, m));
+        }
+    }
+    Ok(out)
 }
 
 /// The MAC of a link as `aa:bb:…`, empty when it has none.

@@ -1,35 +1,13 @@
 //! `twill-loopback`: the reference loopback plugin at every spec version.
 
-use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
-use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::LinkFlags;
-use rtnetlink::{Handle, LinkUnspec};
+use rtnetlink::LinkUnspec;
 use twill_common::cni::{CniError, CniResult, Interface, IpConfig, Plugin, Request};
-use twill_common::netlink::{link_by_name, nl_err, run};
+use twill_common::netlink::{addrs_of, link_by_name, nl_err, run};
 use twill_common::netns;
 
 const LO: &str = "lo";
-
-/// Addresses on `lo` (index 1 in every namespace), v4 then v6.
-async fn lo_addrs(h: &Handle, index: u32) -> Result<Vec<IpNetwork>, CniError> {
-    let mut s = h.address().get().set_link_index_filter(index).execute();
-    let mut out = Vec::new();
-    while let Some(m) = s.try_next().await.map_err(nl_err("list lo addresses"))? {
-        if m.header.index != index {
-            continue;
-        }
-        for a in &m.attributes {
-            if let AddressAttribute::Address(ip) = a {
-                if let Ok(n) = IpNetwork::new(*ip, m.header.prefix_len) {
-                    out.push(n);
-                }
-            }
-        }
-    }
-    out.sort_by_key(|n| n.is_ipv6());
-    Ok(out)
-}
 
 pub struct Loopback;
 
@@ -47,7 +25,11 @@ impl Plugin for Loopback {
                 .execute()
                 .await
                 .map_err(nl_err("set lo up"))?;
-            lo_addrs(&h, idx).await
+            let addrs = addrs_of(&h, idx).await?;
+            Ok(addrs
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect::<Vec<IpNetwork>>())
         })?;
         if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
             return Err(CniError::internal(format!(

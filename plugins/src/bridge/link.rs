@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
-use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
+use netlink_packet_route::address::AddressHeaderFlags;
 use netlink_packet_route::link::{
     BridgePortState, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute,
     LinkFlags, LinkInfo, LinkMessage, State,
@@ -19,7 +19,7 @@ use netlink_packet_route::route::{
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec};
 use twill_common::cni::{CniError, Route};
-use twill_common::netlink::{is_exists, is_not_found, link_by_name, nl_err, random_mac};
+use twill_common::netlink::{addrs_of, is_exists, is_not_found, link_by_name, nl_err, random_mac};
 
 pub fn kind_of(m: &LinkMessage) -> Option<&InfoKind> {
     m.attributes.iter().find_map(|a| match a {
@@ -249,28 +249,6 @@ pub async fn add_addr(
         Err(e) if is_exists(&e) => Ok(()),
         Err(e) => Err(nl_err(format!("failed to add IP addr {addr}"))(e)),
     }
-}
-
-/// Addresses of one link.
-pub async fn addrs_of(
-    h: &Handle,
-    index: u32,
-) -> Result<Vec<(IpNetwork, AddressMessage)>, CniError> {
-    let mut s = h.address().get().set_link_index_filter(index).execute();
-    let mut out = Vec::new();
-    while let Some(m) = s.try_next().await.map_err(nl_err("list addresses"))? {
-        if m.header.index != index {
-            continue;
-        }
-        let ip = m.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Address(ip) => Some(*ip),
-            _ => None,
-        });
-        if let Some(n) = ip.and_then(|ip| IpNetwork::new(ip, m.header.prefix_len).ok()) {
-            out.push((n, m));
-        }
-    }
-    Ok(out)
 }
 
 /// Puts the gateway address `gw` on the bridge. A different v4 address (or an overlapping

@@ -606,7 +606,7 @@ async fn check_links(
             )));
         }
     }
-    let have: Vec<IpNetwork> = link::addrs_of(&ch, c.header.index)
+    let have: Vec<IpNetwork> = twill_common::netlink::addrs_of(&ch, c.header.index)
         .await?
         .into_iter()
         .map(|(n, _)| n)
