@@ -80,13 +80,10 @@ fn rules() -> Result<Vec<(u64, String)>, CniError> {
     };
     let v: Value = serde_json::from_slice(&out)
         .map_err(|e| CniError::internal(format!("parse nft output: {e}")))?;
-    let items = v
-        .get("nftables")
+    Ok(v.get("nftables")
         .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    Ok(items
-        .iter()
+        .into_iter()
+        .flatten()
         .filter_map(|i| i.get("rule"))
         .filter_map(|r| {
             Some((
