@@ -50,6 +50,16 @@ impl Reply {
     }
 }
 
+impl From<std::process::Output> for Reply {
+    fn from(out: std::process::Output) -> Reply {
+        Reply {
+            status: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 /// One CNI invocation's environment.
 #[derive(Debug, Clone)]
 pub struct Invocation {
@@ -117,12 +127,7 @@ pub fn exec(node: Option<&Netns>, bin: &Path, inv: &Invocation, conf: &Value) ->
     let pairs: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     argv.extend(pairs.iter().map(String::as_str));
     argv.push(&bin_s);
-    let out = sh::run_with_input(&argv, &[], conf.to_string().as_bytes());
-    Reply {
-        status: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    sh::run_with_input(&argv, &[], conf.to_string().as_bytes()).into()
 }
 
 /// `conf` with `prevResult` set.
@@ -163,15 +168,10 @@ pub fn harness_run(
         id,
     ];
     argv.extend_from_slice(extra);
-    let out = sh::output(&argv);
-    Reply {
-        status: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    sh::output(&argv).into()
 }
 
-/// A node's network state (links, addresses, routes, nftables, iptables nat) and the files of
+/// A node's network state (links, addresses, routes, the nftables ruleset) and the files of
 /// an IPAM data dir, for asserting that a rejected request changed nothing.
 pub fn snapshot(node: &Netns, data_dir: &Path) -> String {
     let mut s = String::new();

@@ -79,12 +79,7 @@ fn bad_inputs_give_their_codes_and_change_nothing() {
             "CNI_PATH=/usr/lib/cni",
             bin_s.as_str(),
         ]);
-        let o = twill_tests::sh::run_with_input(&a, &[], stdin.as_bytes());
-        Reply {
-            status: o.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        }
+        Reply::from(twill_tests::sh::run_with_input(&a, &[], stdin.as_bytes()))
     };
     let d = data.path();
     expect(&node, &pod, d, "malformed JSON", 6, || {
