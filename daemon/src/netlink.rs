@@ -18,6 +18,7 @@ use netlink_packet_route::route::{
 };
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use twill_common::netlink::{errno, is_exists};
 
 use crate::error::{Error, Result};
 use crate::lease::Mac;
@@ -25,14 +26,6 @@ use crate::lease::Mac;
 /// Protocol number on the routes twilld installs on the underlay (host-gw, DirectRouting), so
 /// a reconcile only ever removes its own routes there ("proto 116" in `ip route`).
 pub const TWILL_ROUTE_PROTO: u8 = 116;
-
-/// The errno of a netlink NACK (positive), if that is what `e` is.
-pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
-        _ => None,
-    }
-}
 
 /// Ok for "already gone" errors, so deletes are idempotent.
 fn ignore_missing(r: Result<(), rtnetlink::Error>) -> Result<()> {
@@ -192,7 +185,7 @@ impl Netlink {
                 .await
             {
                 Ok(()) => {}
-                Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                Err(e) if is_exists(&e) => {}
                 Err(e) => return Err(e.into()),
             }
         }

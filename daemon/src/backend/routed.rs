@@ -21,7 +21,7 @@ use crate::config::{BackendConfig, VxlanConfig};
 use crate::error::{Error, Result};
 use crate::iface::Underlay;
 use crate::lease::{Lease, LeaseAttrs, Mac};
-use crate::netlink::{errno, Netlink, TWILL_ROUTE_PROTO};
+use crate::netlink::{Netlink, TWILL_ROUTE_PROTO};
 
 /// In-flight netlink requests while bulk-programming (one socket, pipelined).
 const PARALLEL: usize = 128;
@@ -227,7 +227,7 @@ impl RoutedBackend {
             .build();
         match self.nl.add_link(msg).await {
             Ok(()) => {}
-            Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+            Err(e) if twill_common::netlink::is_exists(&e) => {}
             Err(e) => return Err(e.into()),
         }
         let link = self
