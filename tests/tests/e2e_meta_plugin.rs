@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 use twill_tests::bins;
+use twill_tests::cni::{eventually, host_veths};
 use twill_tests::lab::runtime::{Attachment, NetworkList, Runtime};
 use twill_tests::lab::Error;
 use twill_tests::netns::Netns;
@@ -87,10 +88,7 @@ impl Node {
     }
 
     fn veths(&self) -> usize {
-        self.ns
-            .exec(&["ip", "-o", "link", "show", "type", "veth"])
-            .lines()
-            .count()
+        host_veths(&self.ns).len()
     }
 }
 
@@ -337,14 +335,10 @@ fn gc_deletes_stale_attachments_only() {
     keep_ns.exec(&["ping", "-c", "1", "-W", "2", "10.250.3.1"]);
     rt.del(Some(&list), &keep).expect("DEL keep");
     // The stale pod's host veth goes with its netns, which the kernel tears down asynchronously.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while node.veths() != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "veths left on the node"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    assert!(
+        eventually(10, || node.veths() == 0),
+        "veths left on the node"
+    );
 }
 
 #[test]
