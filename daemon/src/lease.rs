@@ -13,12 +13,7 @@ pub struct Mac(pub [u8; 6]);
 
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
+        f.write_str(&twill_common::netlink::format_mac(&self.0))
     }
 }
 
@@ -44,9 +39,7 @@ impl std::str::FromStr for Mac {
 impl Mac {
     /// A random locally administered unicast MAC (flannel's `pkg/mac`).
     pub fn random() -> Mac {
-        let mut m: [u8; 6] = rand::random();
-        m[0] = (m[0] | 0x02) & 0xfe;
-        Mac(m)
+        Mac(twill_common::netlink::random_mac())
     }
 }
 
