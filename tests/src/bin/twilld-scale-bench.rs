@@ -15,6 +15,8 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use clap::Parser;
 use twill_tests::etcd::Etcd;
 use twill_tests::underlay::{wait_for, NodeDirs, Twilld, Underlay};
@@ -29,27 +31,6 @@ struct Args {
     /// New-lease latency samples.
     #[arg(long, default_value_t = 20)]
     samples: u32,
-}
-
-fn b64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// Subnet i (1-based) of 10.0.0.0/8 split in /24s, and its fake peer.
@@ -112,8 +93,8 @@ fn put_leases(
                 let (k, v, _) = lease(*i);
                 format!(
                     r#"{{"requestPut":{{"key":"{}","value":"{}","lease":"{lease_id}"}}}}"#,
-                    b64(k.as_bytes()),
-                    b64(v.as_bytes())
+                    BASE64.encode(k),
+                    BASE64.encode(v)
                 )
             })
             .collect();
