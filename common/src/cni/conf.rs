@@ -129,11 +129,6 @@ impl NetConf {
         serde_json::from_value(v)
             .map_err(|e| CniError::invalid_config(format!("invalid network config: {e}")))
     }
-
-    /// The config as JSON bytes (for a delegate's stdin).
-    pub fn to_bytes(&self) -> Result<Vec<u8>, CniError> {
-        serde_json::to_vec(self).map_err(|e| CniError::internal(format!("encode config: {e}")))
-    }
 }
 
 #[cfg(test)]
@@ -157,7 +152,7 @@ mod tests {
         assert_eq!(c.cni_arg("ips"), Some(&json!(["10.0.0.9"])));
         assert_eq!(c.gc_attachments().unwrap()[0].container_id, "c1");
         assert_eq!(c.prev_result().unwrap().unwrap().ips.len(), 1);
-        let back: Value = serde_json::from_slice(&c.to_bytes().unwrap()).unwrap();
+        let back = serde_json::to_value(&c).unwrap();
         assert_eq!(back, raw);
         assert_eq!(NetConf::parse(b"{nope").unwrap_err().code, 6);
         assert_eq!(NetConf::parse(b"{}").unwrap().version(), "0.1.0");
