@@ -488,7 +488,9 @@ impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
                         StoreUpdate::Snapshot(list) => self.on_snapshot(list).await?,
                         StoreUpdate::Events(evs) => self.on_events(evs).await?,
                     }
-                    self.try_conflist_if_needed().await;
+                    if !self.conflist_ok {
+                        self.try_conflist().await;
+                    }
                 }
                 _ = sleep_until(next_renew) => {
                     next_renew = Instant::now() + self.renew().await;
@@ -503,13 +505,6 @@ impl<S: SubnetStore, B: Backend, R: Rules> Daemon<S, B, R> {
             }
             self.update_ready();
         }
-    }
-
-    async fn try_conflist_if_needed(&mut self) {
-        if !self.conflist_ok {
-            self.try_conflist().await;
-        }
-        self.update_ready();
     }
 
     async fn heal_device(&mut self) {
