@@ -10,12 +10,15 @@ use std::net::IpAddr;
 use twill_common::cni::{code, CniError, CniResult, Dns, Env, IpConfig, NetConf, Plugin, Request};
 
 use crate::ipnet::{from_u128, to_u128, with_prefix};
-use config::{describe_set, set_contains, IpamConfig, RangeSet};
+use config::{describe_set, set_contains, IpamConfig, Range, RangeSet};
 use store::Store;
 
 /// The next candidates of a range set in round-robin order: after `last` if it is inside
-/// the set, else from the first range's start; every address once.
-fn round_robin(set: &RangeSet, last: Option<IpAddr>) -> impl Iterator<Item = IpAddr> + '_ {
+/// the set, else from the first range's start; every address once, with its range.
+fn round_robin(
+    set: &RangeSet,
+    last: Option<IpAddr>,
+) -> impl Iterator<Item = (IpAddr, &Range)> + '_ {
     let (start_range, start_at) =
         match last.and_then(|l| set.iter().position(|r| r.contains(l)).map(|i| (i, l))) {
             Some((i, l)) => (i, Some(to_u128(l))),
@@ -34,7 +37,7 @@ fn round_robin(set: &RangeSet, last: Option<IpAddr>) -> impl Iterator<Item = IpA
             (k, None) if k == n => (1, 0),
             _ => (lo, hi),
         };
-        (from..=to).map(move |x| from_u128(x, v4))
+        (from..=to).map(move |x| (from_u128(x, v4), r))
     })
 }
 
@@ -107,10 +110,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
                 (ip, range)
             } else {
                 let mut chosen = None;
-                for ip in round_robin(set, store.last_reserved(idx)) {
-                    let Some(range) = set.iter().find(|r| r.contains(ip)) else {
-                        continue;
-                    };
+                for (ip, range) in round_robin(set, store.last_reserved(idx)) {
                     if range.gateway == Some(ip) {
                         continue;
                     }
@@ -262,7 +262,6 @@ impl Plugin for HostLocal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use config::Range;
 
     fn r(s: &str, e: &str) -> Range {
         Range {
@@ -345,20 +344,22 @@ mod tests {
     #[test]
     fn round_robin_wraps_once() {
         let set = vec![r("10.0.0.2", "10.0.0.4"), r("10.0.0.10", "10.0.0.11")];
-        let all: Vec<String> = round_robin(&set, None).map(|i| i.to_string()).collect();
+        let all: Vec<String> = round_robin(&set, None)
+            .map(|(i, _)| i.to_string())
+            .collect();
         assert_eq!(
             all,
             ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.10", "10.0.0.11"]
         );
         let all: Vec<String> = round_robin(&set, Some("10.0.0.3".parse().unwrap()))
-            .map(|i| i.to_string())
+            .map(|(i, _)| i.to_string())
             .collect();
         assert_eq!(
             all,
             ["10.0.0.4", "10.0.0.10", "10.0.0.11", "10.0.0.2", "10.0.0.3"]
         );
         let all: Vec<String> = round_robin(&set, Some("10.0.0.11".parse().unwrap()))
-            .map(|i| i.to_string())
+            .map(|(i, _)| i.to_string())
             .collect();
         assert_eq!(
             all,
