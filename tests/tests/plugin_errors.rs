@@ -226,6 +226,10 @@ fn existing_ifname_fails_and_rolls_back() {
     );
     assert_eq!(r.err_code(), 999, "{}", r.stdout);
     assert!(r.stdout.contains("already exists"), "{}", r.stdout);
+    assert!(
+        pod.has_link("eth0"),
+        "the rollback left the stray eth0 alone"
+    );
     assert!(twill_tests::cni::reservations(data.path(), "twerr").is_empty());
     assert!(twill_tests::cni::host_veths(&node).is_empty());
     let rules = node.output(&["nft", "list", "ruleset"]);
