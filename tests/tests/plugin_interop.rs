@@ -237,9 +237,18 @@ fn containerd_style_conflist_add_check_del_through_libcni() {
     });
     let res = lc.run("add", "cd1", &[]).ok();
     assert_eq!(res["ips"].as_array().unwrap().len(), 2, "{res}");
+    assert_eq!(
+        lc.reservations("twcd").len(),
+        2,
+        "one address per range set"
+    );
+    let br = lc.node.exec(&["ip", "link", "show", "twcdbr0"]);
+    assert!(br.contains("PROMISC"), "promiscMode: {br}");
     lc.pod.exec(&["ping", "-c1", "-W2", "10.234.0.1"]);
+    lc.pod.exec(&["ping", "-6", "-c1", "-W2", "fd23:4::1"]);
     lc.run("check", "cd1", &[]).ok();
     lc.run("del", "cd1", &[]).ok();
+    assert!(!lc.pod.has_link("eth0"));
     lc.run("del", "cd1", &[]).ok();
     assert!(lc.reservations("twcd").is_empty());
 }
