@@ -321,6 +321,12 @@ fn flannel_node_lease_is_honoured_and_deleted_lease_removed_everywhere() {
     assert!(!ping(a, &ga, "10.5.200.1"));
 }
 
+/// Whether `m`'s twilld logged `refusal` `times` times: it was refused on its retries too, and a
+/// daemon that got through on one would have had the seconds in between to get ready.
+fn refused_repeatedly(m: &Member, refusal: &str, times: usize) -> bool {
+    wait_for(|| m.daemon.log().matches(refusal).count() >= times, WAIT)
+}
+
 #[test]
 fn etcd_with_tls_client_certificates() {
     let ul = Underlay::new();
@@ -337,9 +343,14 @@ fn etcd_with_tls_client_certificates() {
     a.wait_ready();
     assert_eq!(leases(&etcd).len(), 1);
 
-    // Without a client certificate etcd refuses twilld: no lease, no CNI config.
+    // Without a client certificate etcd refuses twilld, on every retry too (the TLS connection
+    // is opened by the first request, retried every second): no lease, no CNI config.
     let b = Member::start(&ul, &etcd, &[&ca]);
-    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        refused_repeatedly(&b, "cannot read the network config", 3),
+        "{}",
+        b.daemon.log()
+    );
     assert!(!b.dirs.conflist().exists(), "{}", b.daemon.log());
     assert_eq!(leases(&etcd).len(), 1);
 }
@@ -427,7 +438,17 @@ fn etcd_basic_auth() {
         &etcd,
         &["--etcd-username=root", "--etcd-password=wrong"],
     );
-    std::thread::sleep(Duration::from_secs(3));
+    // Authentication happens on connect, retried with a backoff that takes ~3 s for five.
+    assert!(
+        refused_repeatedly(&b, "cannot connect to etcd", 5),
+        "{}",
+        b.daemon.log()
+    );
+    assert!(
+        b.daemon.log().contains("authentication failed"),
+        "{}",
+        b.daemon.log()
+    );
     assert!(!b.dirs.conflist().exists(), "{}", b.daemon.log());
 }
 
