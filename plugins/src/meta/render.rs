@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use twill_common::cni::{CniError, NetConf};
-use twill_common::subnet_env::SubnetEnv;
+use twill_common::subnet_env::{SubnetEnv, SubnetEnvError};
 
 /// Default location of the subnet file twilld writes.
 pub const DEFAULT_SUBNET_FILE: &str = "/run/twill/subnet.env";
@@ -68,19 +68,17 @@ impl MetaConf {
 /// Reads the subnet file: missing is "try again later" (twilld has not written it yet),
 /// malformed is an invalid configuration.
 pub fn load_subnet_env(meta: &MetaConf) -> Result<SubnetEnv, CniError> {
-    let path = &meta.subnet_file;
-    match std::fs::read_to_string(path) {
-        Ok(text) => SubnetEnv::parse_named(&text, &path.display().to_string())
-            .map_err(|e| CniError::invalid_config(e.to_string())),
-        Err(e) => Err(CniError::new(
+    SubnetEnv::read(&meta.subnet_file).map_err(|e| match e {
+        SubnetEnvError::Read { path, source } => CniError::new(
             twill_common::cni::code::TRY_AGAIN_LATER,
             format!(
-                "failed to load twill subnet file {}: {e}; twilld writes it once the node's \
+                "failed to load twill subnet file {}: {source}; twilld writes it once the node's \
                  network is up: check that twilld runs on this node and read its log",
                 path.display()
             ),
-        )),
-    }
+        ),
+        e => CniError::invalid_config(e.to_string()),
+    })
 }
 
 /// Renders the delegate config (flannel `getDelegateIPAM` + `doCmdAdd`).
