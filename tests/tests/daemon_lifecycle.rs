@@ -10,7 +10,10 @@ use twill_tests::underlay::{
     Twilld, Underlay, FLANNEL_PREFIX,
 };
 
-const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
+/// Nodes lease from 10.5.1.0–10.5.63.0: the subnets above are the tests' hand-written peers and
+/// stray entries, which a node picking them at random would collide with.
+const CONFIG: &str =
+    r#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.63.0","Backend":{"Type":"vxlan"}}"#;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn setup(config: &str) -> (Underlay, Etcd) {

@@ -11,7 +11,10 @@ use twill_tests::underlay::{
     FLANNEL_PREFIX,
 };
 
-const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
+/// Nodes lease from 10.5.1.0–10.5.63.0: the subnets above are the tests' hand-written peers and
+/// stray entries, which a node picking them at random would collide with.
+const CONFIG: &str =
+    r#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.63.0","Backend":{"Type":"vxlan"}}"#;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn leases(etcd: &Etcd) -> Vec<(String, Value)> {
@@ -455,11 +458,7 @@ fn etcd_basic_auth() {
 #[test]
 fn malformed_and_foreign_leases_are_skipped_with_a_log() {
     let ul = Underlay::new();
-    // The node's own subnet comes from above the leases written below: from the whole /16 it
-    // could pick 10.5.95.0/24 itself (then the "good" peer would take its subnet).
-    let etcd = ul.start_etcd(Some(
-        r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.100.0","Backend":{"Type":"vxlan"}}"#,
-    ));
+    let etcd = ul.start_etcd(Some(CONFIG));
     let put = |name: &str, value: &str| {
         etcd.etcdctl(&["put", &format!("{FLANNEL_PREFIX}/subnets/{name}"), value]);
     };
