@@ -120,22 +120,8 @@ fn two_nodes_flannel_schema_kernel_state_and_ping() {
     );
 
     // Each node has exactly its peer programmed.
-    assert!(
-        wait_for(
-            || has_peer(&a, &sb.to_string(), &b.mac(), &b.node.ip.to_string()),
-            WAIT
-        ),
-        "{:?}",
-        a.vtep_state()
-    );
-    assert!(
-        wait_for(
-            || has_peer(&b, &sa.to_string(), &a.mac(), &a.node.ip.to_string()),
-            WAIT
-        ),
-        "{:?}",
-        b.vtep_state()
-    );
+    assert!(wait_for(|| a.sees(&b), WAIT), "{:?}", a.vtep_state());
+    assert!(wait_for(|| b.sees(&a), WAIT), "{:?}", b.vtep_state());
     assert_eq!(a.vtep_state().2.lines().count(), 1, "only the peer's route");
 
     // A ping between addresses of the two subnets crosses the VXLAN.
@@ -293,12 +279,7 @@ fn flannel_node_lease_is_honoured_and_deleted_lease_removed_everywhere() {
         );
         for o in &members {
             if o.node.ip != m.node.ip {
-                assert!(has_peer(
-                    m,
-                    &o.subnet().to_string(),
-                    &o.mac(),
-                    &o.node.ip.to_string()
-                ));
+                assert!(m.sees(o), "{:?}", m.vtep_state());
             }
         }
         assert_eq!(
