@@ -217,8 +217,15 @@ fn manifest_pods_work_with_only_the_granted_capabilities() {
         "init-network: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The ConfigMap's network is what etcd holds now.
     let prefix = cm["data"]["etcd-prefix"].as_str().unwrap();
-    assert!(etcd.get(&format!("{prefix}/config")).is_some());
+    let stored = etcd
+        .get(&format!("{prefix}/config"))
+        .expect("stored config");
+    assert_eq!(
+        serde_json::from_str::<Value>(&stored).unwrap(),
+        serde_json::from_str::<Value>(cm["data"]["net-conf.json"].as_str().unwrap()).unwrap()
+    );
 
     // The image: the built plugins in a source dir, as /opt/twill/bin.
     let image = tempfile::tempdir().unwrap();
