@@ -167,15 +167,17 @@ fn config_file_and_custom_prefix() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(mod_revision(&etcd, key), rev);
 
-    // --network and --config-file exclude each other; one of them is required.
+    // --network and --config-file exclude each other; one of them is required. Both are
+    // usage errors (clap's exit code 2) that write nothing.
     let out = init_network(
         &ep,
         &["--network", "10.1.0.0/16", "--config-file", file_arg],
         &[],
     );
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let out = init_network(&ep, &[], &[]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(mod_revision(&etcd, key), rev);
 }
 
 #[test]
@@ -370,6 +372,12 @@ fn tls_with_client_certificate() {
         &[],
     );
     assert!(!out.status.success(), "{}", text(&out));
+    let got = etcd.etcdctl(&pki, &["get", KEY, "--print-value-only"]);
+    assert!(
+        got.status.success() && got.stdout.is_empty(),
+        "the refused run wrote the config: {}",
+        text(&got)
+    );
 
     // The manifest's way: files from the Secret, given through the environment.
     let cert = pki.files().client_cert;
@@ -406,4 +414,9 @@ fn tls_with_client_certificate() {
         &[],
     );
     assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--etcd-keyfile"),
+        "{}",
+        text(&out)
+    );
 }
