@@ -54,25 +54,12 @@ where
     F: FnOnce(Sockets) -> Fut + Send + 'static,
     Fut: Future<Output = Result<T, CniError>>,
 {
-    netns::run_in(None, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(|e| CniError::internal(format!("tokio runtime: {e}")))?;
-        // Sockets register with the runtime's reactor, so they are made inside its context;
-        // a new thread starts in its creator's namespace, so the first one is the host's.
-        let _guard = rt.enter();
+    on_thread(move |rt| {
+        // A new thread starts in its creator's namespace, so the first socket is the host's.
         let (host_conn, host, _) = rtnetlink::new_connection()
             .map_err(|e| CniError::internal(format!("netlink socket: {e}")))?;
         let in_ns = match ns {
-            Some(f) => {
-                netns::enter(&f)
-                    .map_err(|e| CniError::internal(format!("failed to enter netns: {e}")))?;
-                let (c, h, _) = rtnetlink::new_connection()
-                    .map_err(|e| CniError::internal(format!("netlink socket in netns: {e}")))?;
-                Some((c, h))
-            }
+            Some(f) => Some(socket_in(&f)?),
             None => None,
         };
         rt.block_on(async move {
@@ -83,6 +70,48 @@ where
             });
             job(Sockets { host, ns }).await
         })
+    })
+}
+
+/// Like [`run`] for work that happens only inside `ns`: one socket, opened there.
+pub fn run_in_ns<T, F, Fut>(ns: File, job: F) -> Result<T, CniError>
+where
+    T: Send + 'static,
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, CniError>>,
+{
+    on_thread(move |rt| {
+        let (conn, h) = socket_in(&ns)?;
+        rt.block_on(async move {
+            tokio::spawn(conn);
+            job(h).await
+        })
+    })
+}
+
+type Connection = rtnetlink::proto::Connection<netlink_packet_route::RouteNetlinkMessage>;
+
+/// Moves this (short-lived) thread into `ns` and opens a socket there.
+fn socket_in(ns: &File) -> Result<(Connection, Handle), CniError> {
+    netns::enter(ns).map_err(|e| CniError::internal(format!("failed to enter netns: {e}")))?;
+    let (c, h, _) = rtnetlink::new_connection()
+        .map_err(|e| CniError::internal(format!("netlink socket in netns: {e}")))?;
+    Ok((c, h))
+}
+
+/// Runs `f` on a fresh thread inside a current-thread runtime's context (sockets register with
+/// its reactor, so they are made inside it).
+fn on_thread<T: Send + 'static>(
+    f: impl FnOnce(&tokio::runtime::Runtime) -> Result<T, CniError> + Send + 'static,
+) -> Result<T, CniError> {
+    netns::run_in(None, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| CniError::internal(format!("tokio runtime: {e}")))?;
+        let _guard = rt.enter();
+        f(&rt)
     })
     .map_err(|e| CniError::internal(e.to_string()))?
 }
@@ -176,5 +205,8 @@ mod tests {
         })
         .unwrap();
         assert!(none.is_none());
+        let me = File::open("/proc/self/ns/net").unwrap();
+        let lo = run_in_ns(me, |h| async move { link_by_name(&h, "lo").await }).unwrap();
+        assert_eq!(lo.map(|m| m.header.index), Some(1));
     }
 }

@@ -4,7 +4,7 @@ use ipnetwork::IpNetwork;
 use netlink_packet_route::link::LinkFlags;
 use rtnetlink::LinkUnspec;
 use twill_common::cni::{CniError, CniResult, Interface, IpConfig, Plugin, Request};
-use twill_common::netlink::{addrs_of, link_by_name, nl_err, run};
+use twill_common::netlink::{addrs_of, link_by_name, nl_err, run_in_ns};
 use twill_common::netns;
 
 const LO: &str = "lo";
@@ -14,8 +14,7 @@ pub struct Loopback;
 impl Plugin for Loopback {
     fn add(&self, req: &Request) -> Result<CniResult, CniError> {
         let ns = req.env.open_netns()?;
-        let addrs = run(Some(ns), |s| async move {
-            let h = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
+        let addrs = run_in_ns(ns, |h| async move {
             let lo = link_by_name(&h, LO)
                 .await?
                 .ok_or_else(|| CniError::internal("no lo in netns"))?;
@@ -69,8 +68,7 @@ impl Plugin for Loopback {
         let Ok(Some(ns)) = netns::open_if_live(p) else {
             return Ok(());
         };
-        run(Some(ns), |s| async move {
-            let h = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
+        run_in_ns(ns, |h| async move {
             if let Some(lo) = link_by_name(&h, LO).await? {
                 h.link()
                     .set(LinkUnspec::new_with_index(lo.header.index).down().build())
@@ -84,8 +82,7 @@ impl Plugin for Loopback {
 
     fn check(&self, req: &Request) -> Result<(), CniError> {
         let ns = req.env.open_netns()?;
-        let up = run(Some(ns), |s| async move {
-            let h = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
+        let up = run_in_ns(ns, |h| async move {
             let lo = link_by_name(&h, LO)
                 .await?
                 .ok_or_else(|| CniError::internal("no lo in netns"))?;

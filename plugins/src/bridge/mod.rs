@@ -15,7 +15,7 @@ use twill_common::cni::{
     code, delegate, delegate_add, CniError, CniResult, Command, Dns, Interface, NetConf, Plugin,
     Request, Route,
 };
-use twill_common::netlink::{format_mac, link_by_name, mac_of, nl_err, run};
+use twill_common::netlink::{format_mac, link_by_name, mac_of, nl_err, run, run_in_ns};
 use twill_common::{cni::env::validate_ifname, netns};
 
 use crate::host_local;
@@ -313,8 +313,7 @@ fn reap(ns: File, names: Vec<String>) -> Result<(), CniError> {
     if let Some(bad) = names.iter().find(|n| !n.starts_with(link::PARKED_PREFIX)) {
         return Err(CniError::invalid_env(format!("refusing to reap {bad:?}")));
     }
-    run(Some(ns), move |s| async move {
-        let ch = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
+    run_in_ns(ns, move |ch| async move {
         for name in &names {
             link::del_link_by_name(&ch, name).await?;
         }
@@ -435,8 +434,7 @@ impl Plugin for Bridge {
                     .try_clone()
                     .map_err(|e| CniError::internal(format!("dup netns fd: {e}")))?;
                 let ifname = req.env.ifname.clone();
-                let names = run(Some(ns), move |s| async move {
-                    let ch = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
+                let names = run_in_ns(ns, move |ch| async move {
                     link::park_link(&ch, &ifname).await?;
                     link::parked_links(&ch).await
                 })?;
