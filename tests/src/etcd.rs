@@ -37,6 +37,55 @@ fn free_port() -> u16 {
         .expect("free loopback port")
 }
 
+/// etcd's flags for a one-member cluster on `client`/`peer` URLs with its data in `data_dir`,
+/// logging warnings to stderr; with `tls`, clients must present a certificate of its CA.
+pub fn server_args(
+    name: &str,
+    data_dir: &Path,
+    client: &str,
+    peer: &str,
+    tls: Option<&TlsFiles>,
+) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--name",
+        name,
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--listen-client-urls",
+        client,
+        "--advertise-client-urls",
+        client,
+        "--listen-peer-urls",
+        peer,
+        "--initial-advertise-peer-urls",
+        peer,
+        "--initial-cluster",
+        &format!("{name}={peer}"),
+        "--initial-cluster-state",
+        "new",
+        "--logger",
+        "zap",
+        "--log-outputs",
+        "stderr",
+        "--log-level",
+        "warn",
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Some(t) = tls {
+        a.extend([
+            "--cert-file".to_string(),
+            t.server_cert.display().to_string(),
+            "--key-file".to_string(),
+            t.server_key.display().to_string(),
+            "--trusted-ca-file".to_string(),
+            t.ca.display().to_string(),
+            "--client-cert-auth".to_string(),
+        ]);
+    }
+    a
+}
+
 impl Etcd {
     /// etcd listening on `ip`:2379 (peer :2380) inside the named netns.
     pub fn start_in(netns: &str, ip: &str) -> Etcd {
@@ -46,6 +95,18 @@ impl Etcd {
     /// etcd on 127.0.0.1 of the root namespace, on two free ports.
     pub fn start_loopback() -> Etcd {
         Etcd::launch(None, "127.0.0.1".to_string(), free_port(), free_port())
+    }
+
+    /// etcd on 127.0.0.1 of the root namespace, on two free ports, serving TLS and requiring
+    /// client certificates signed by `pki`'s CA.
+    pub fn start_loopback_tls(pki: &Pki) -> Etcd {
+        Etcd::launch_with(
+            None,
+            "127.0.0.1".to_string(),
+            free_port(),
+            free_port(),
+            Some(pki.files()),
+        )
     }
 
     fn launch(netns: Option<String>, ip: String, client_port: u16, peer_port: u16) -> Etcd {
@@ -127,41 +188,14 @@ impl Etcd {
             argv.extend(["ip", "netns", "exec", ns].map(String::from));
         }
         argv.push(ETCD.to_string());
-        argv.extend([
-            "--name".to_string(),
-            "twill-test".to_string(),
-            "--data-dir".to_string(),
-            self.dir.path().join("data").display().to_string(),
-            "--listen-client-urls".to_string(),
-            client.clone(),
-            "--advertise-client-urls".to_string(),
-            client,
-            "--listen-peer-urls".to_string(),
-            peer.clone(),
-            "--initial-advertise-peer-urls".to_string(),
-            peer.clone(),
-            "--initial-cluster".to_string(),
-            format!("twill-test={peer}"),
-            "--initial-cluster-state".to_string(),
-            "new".to_string(),
-            "--logger".to_string(),
-            "zap".to_string(),
-            "--log-outputs".to_string(),
-            "stderr".to_string(),
-            "--log-level".to_string(),
-            "warn".to_string(),
-        ]);
-        if let Some(t) = &self.tls {
-            argv.extend([
-                "--cert-file".to_string(),
-                t.server_cert.display().to_string(),
-                "--key-file".to_string(),
-                t.server_key.display().to_string(),
-                "--trusted-ca-file".to_string(),
-                t.ca.display().to_string(),
-                "--client-cert-auth".to_string(),
-            ]);
-        }
+        let data = self.dir.path().join("data");
+        argv.extend(server_args(
+            "twill-test",
+            &data,
+            &client,
+            &peer,
+            self.tls.as_ref(),
+        ));
         let child = Command::new(&argv[0])
             .args(&argv[1..])
             .stdin(Stdio::null())
@@ -418,27 +452,11 @@ impl Pki {
 
 /// Minimal standard base64 decoder for etcdctl's JSON output (keys/values are base64).
 fn decode_b64(s: &str) -> String {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc: u32 = 0;
-    let mut bits = 0;
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => continue,
-        } as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 impl Drop for Etcd {

@@ -4,13 +4,11 @@
 //! like the manifest's Job does.
 
 use std::fs;
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Output, Stdio};
 
 use serde_json::{json, Value};
 use twill_tests::deploy::twilld;
-use twill_tests::etcd::{Etcd, Pki, ETCD, ETCDCTL};
+use twill_tests::etcd::{Etcd, Pki};
 
 const KEY: &str = "/coreos.com/network/config";
 
@@ -263,116 +261,21 @@ fn unreachable_etcd_is_an_error() {
     );
 }
 
-/// etcd requiring client certificates (kubeadm's `--client-cert-auth`), killed by PID on drop.
-struct TlsEtcd {
-    child: Child,
-    endpoint: String,
-    _data: tempfile::TempDir,
-}
-
-impl TlsEtcd {
-    fn start(pki: &Pki) -> TlsEtcd {
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let (cport, pport) = (free(), free());
-        let data = tempfile::Builder::new()
-            .prefix("twill-etcd-tls")
-            .tempdir()
-            .unwrap();
-        let endpoint = format!("https://127.0.0.1:{cport}");
-        let peer = format!("http://127.0.0.1:{pport}");
-        let s = |p: &Path| p.to_str().unwrap().to_string();
-        let log = fs::File::create(data.path().join("etcd.log")).unwrap();
-        let child = Command::new(ETCD)
-            .args(["--name", "tls", "--data-dir", &s(&data.path().join("data"))])
-            .args([
-                "--listen-client-urls",
-                &endpoint,
-                "--advertise-client-urls",
-                &endpoint,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("tls={peer}")])
-            .args(["--cert-file", &s(&pki.files().server_cert)])
-            .args(["--key-file", &s(&pki.files().server_key)])
-            .args([
-                "--trusted-ca-file",
-                &s(&pki.files().ca),
-                "--client-cert-auth",
-            ])
-            .args([
-                "--logger",
-                "zap",
-                "--log-outputs",
-                "stderr",
-                "--log-level",
-                "warn",
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn etcd");
-        let mut e = TlsEtcd {
-            child,
-            endpoint,
-            _data: data,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !e.etcdctl(pki, &["endpoint", "health"]).status.success() {
-            assert!(e.child.try_wait().unwrap().is_none(), "TLS etcd exited");
-            assert!(Instant::now() < deadline, "TLS etcd not healthy");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        e
-    }
-
-    fn etcdctl(&self, pki: &Pki, args: &[&str]) -> Output {
-        Command::new(ETCDCTL)
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoint))
-            .arg(format!("--cacert={}", pki.files().ca.display()))
-            .arg(format!("--cert={}", pki.files().client_cert.display()))
-            .arg(format!("--key={}", pki.files().client_key.display()))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for TlsEtcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn tls_with_client_certificate() {
     let pki = Pki::new("127.0.0.1");
-    let etcd = TlsEtcd::start(&pki);
+    let etcd = Etcd::start_loopback_tls(&pki);
     let ca = pki.files().ca;
     let ca = ca.to_str().unwrap();
 
     // Without a client certificate etcd refuses the request; nothing is written.
     let out = init_network(
-        &etcd.endpoint,
+        &etcd.endpoint(),
         &["--network", "10.244.0.0/16", "--etcd-cafile", ca],
         &[],
     );
     assert!(!out.status.success(), "{}", text(&out));
-    let got = etcd.etcdctl(&pki, &["get", KEY, "--print-value-only"]);
+    let got = etcd.etcdctl_output(&["get", KEY, "--print-value-only"]);
     assert!(
         got.status.success() && got.stdout.is_empty(),
         "the refused run wrote the config: {}",
@@ -383,7 +286,7 @@ fn tls_with_client_certificate() {
     let cert = pki.files().client_cert;
     let key = pki.files().client_key;
     let out = init_network(
-        &etcd.endpoint,
+        &etcd.endpoint(),
         &["--network", "10.244.0.0/16"],
         &[
             ("TWILLD_ETCD_CAFILE", ca),
@@ -392,7 +295,7 @@ fn tls_with_client_certificate() {
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
-    let got = etcd.etcdctl(&pki, &["get", KEY, "--print-value-only"]);
+    let got = etcd.etcdctl_output(&["get", KEY, "--print-value-only"]);
     assert!(got.status.success(), "{}", text(&got));
     let v: Value = serde_json::from_slice(&got.stdout).unwrap();
     assert_eq!(
@@ -402,7 +305,7 @@ fn tls_with_client_certificate() {
 
     // Only half a client identity is a usage error.
     let out = init_network(
-        &etcd.endpoint,
+        &etcd.endpoint(),
         &[
             "--network",
             "10.244.0.0/16",

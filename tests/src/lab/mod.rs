@@ -328,31 +328,15 @@ impl Lab {
         ensure_dir(&dir, 0o700).map_err(io(&dir))?;
         let client = self.etcd_endpoint();
         let peer = "http://127.0.0.1:2380";
-        let data = dir.join("data").display().to_string();
-        let cluster = format!("lab={peer}");
-        let argv = [
-            "/usr/bin/etcd",
-            "--name",
+        let mut argv = vec![crate::etcd::ETCD.to_string()];
+        argv.extend(crate::etcd::server_args(
             "lab",
-            "--data-dir",
-            &data,
-            "--listen-client-urls",
+            &dir.join("data"),
             &client,
-            "--advertise-client-urls",
-            &client,
-            "--listen-peer-urls",
             peer,
-            "--initial-advertise-peer-urls",
-            peer,
-            "--initial-cluster",
-            &cluster,
-            "--logger",
-            "zap",
-            "--log-outputs",
-            "stderr",
-            "--log-level",
-            "warn",
-        ];
+            None,
+        ));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let proc = Proc::spawn_in(&self.st.underlay_ns, &argv, &[], &dir.join("etcd.log"))?;
         self.st.etcd = Some(proc);
         self.save()?;
