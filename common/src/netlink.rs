@@ -174,10 +174,9 @@ pub fn format_mac(b: &[u8]) -> String {
 
 /// A random locally administered unicast MAC.
 pub fn random_mac() -> [u8; 6] {
-    let mut b = [0u8; 6];
-    // getrandom(2) never fails for 6 bytes once the pool is initialised.
-    let _ =
-        nix::errno::Errno::result(unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) });
+    // rand's thread RNG is seeded from the OS and panics rather than hand out zeros: a silent
+    // all-zero MAC would give every VTEP and bridge the same address.
+    let mut b: [u8; 6] = rand::random();
     b[0] = (b[0] & 0xfe) | 0x02;
     b
 }
@@ -190,6 +189,9 @@ mod tests {
     fn mac_helpers() {
         let m = random_mac();
         assert_eq!(m[0] & 0x03, 0x02, "local, unicast");
+        let many: std::collections::HashSet<[u8; 6]> = (0..64).map(|_| random_mac()).collect();
+        assert_eq!(many.len(), 64, "random MACs repeat");
+        assert!(many.iter().all(|m| m[1..] != [0; 5]), "zero MAC");
         assert_eq!(format_mac(&[0, 0x1a, 0xff, 1, 2, 3]), "00:1a:ff:01:02:03");
     }
 

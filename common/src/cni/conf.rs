@@ -121,6 +121,40 @@ impl NetConf {
             .and_then(|c| c.get(key))
     }
 
+    /// Checks on ADD what the reference plugins get from decoding `prevResult` into a typed
+    /// result: a value other than an object (or null) is an invalid config (code 7); an object
+    /// must parse as a result of its version (code 6 or 1 from the parser).
+    pub fn check_prev_result(&self) -> Result<(), CniError> {
+        match &self.prev_result {
+            None | Some(Value::Null) => Ok(()),
+            Some(Value::Object(_)) => self.prev_result().map(|_| ()),
+            Some(other) => Err(CniError::invalid_config(format!(
+                "invalid network config: prevResult must be an object, got {other}"
+            ))),
+        }
+    }
+
+    /// `runtimeConfig.<key>` as a string; absent or null is `None`, another type is code 7.
+    pub fn runtime_str(&self, key: &str) -> Result<Option<&str>, CniError> {
+        typed_str(self.runtime(key), &format!("runtimeConfig.{key}"))
+    }
+
+    /// `args.cni.<key>` as a string; absent or null is `None`, another type is code 7.
+    pub fn cni_arg_str(&self, key: &str) -> Result<Option<&str>, CniError> {
+        typed_str(self.cni_arg(key), &format!("args.cni.{key}"))
+    }
+
+    /// `runtimeConfig.<key>` as a list of strings; absent or null is empty, anything else
+    /// (a string, a number, a list holding a non-string) is code 7, as the reference's decoder.
+    pub fn runtime_strs(&self, key: &str) -> Result<Vec<&str>, CniError> {
+        typed_strs(self.runtime(key), &format!("runtimeConfig.{key}"))
+    }
+
+    /// `args.cni.<key>` as a list of strings (see [`NetConf::runtime_strs`]).
+    pub fn cni_arg_strs(&self, key: &str) -> Result<Vec<&str>, CniError> {
+        typed_strs(self.cni_arg(key), &format!("args.cni.{key}"))
+    }
+
     /// Decodes the whole config (named and extra keys) into a plugin's own config type;
     /// type mismatches are code 7 naming the field.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CniError> {
@@ -128,6 +162,34 @@ impl NetConf {
             .map_err(|e| CniError::internal(format!("encode config: {e}")))?;
         serde_json::from_value(v)
             .map_err(|e| CniError::invalid_config(format!("invalid network config: {e}")))
+    }
+}
+
+fn wrong_type(what: &str, want: &str, got: &Value) -> CniError {
+    CniError::invalid_config(format!(
+        "invalid network config: {what} must be {want}, got {got}"
+    ))
+}
+
+fn typed_str<'a>(v: Option<&'a Value>, what: &str) -> Result<Option<&'a str>, CniError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(wrong_type(what, "a string", other)),
+    }
+}
+
+fn typed_strs<'a>(v: Option<&'a Value>, what: &str) -> Result<Vec<&'a str>, CniError> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .ok_or_else(|| wrong_type(what, "a list of strings", x))
+            })
+            .collect(),
+        Some(other) => Err(wrong_type(what, "a list of strings", other)),
     }
 }
 
@@ -157,5 +219,28 @@ mod tests {
         assert_eq!(NetConf::parse(b"{nope").unwrap_err().code, 6);
         assert_eq!(NetConf::parse(b"{}").unwrap().version(), "0.1.0");
         assert!(NetConf::parse(b"{}").unwrap().gc_attachments().is_none());
+    }
+
+    #[test]
+    fn wrong_typed_runtime_inputs_are_invalid_config() {
+        let c = |v: Value| NetConf::parse(v.to_string().as_bytes()).unwrap();
+        let ok = c(
+            json!({"runtimeConfig":{"ips":["10.0.0.2/24"],"mac":"02:00:00:00:00:01"},
+            "args":{"cni":{"ips":null}},"prevResult":{"ips":[]}}),
+        );
+        assert_eq!(ok.runtime_strs("ips").unwrap(), ["10.0.0.2/24"]);
+        assert_eq!(ok.runtime_str("mac").unwrap(), Some("02:00:00:00:00:01"));
+        assert!(ok.cni_arg_strs("ips").unwrap().is_empty());
+        assert_eq!(ok.cni_arg_str("mac").unwrap(), None);
+        ok.check_prev_result().unwrap();
+        let bad = c(json!({"runtimeConfig":{"ips":"10.0.0.2","mac":5},
+            "args":{"cni":{"ips":[1],"mac":["x"]}},"prevResult":"x"}));
+        assert_eq!(bad.runtime_strs("ips").unwrap_err().code, 7);
+        assert_eq!(bad.runtime_str("mac").unwrap_err().code, 7);
+        assert_eq!(bad.cni_arg_strs("ips").unwrap_err().code, 7);
+        assert_eq!(bad.cni_arg_str("mac").unwrap_err().code, 7);
+        let e = bad.check_prev_result().unwrap_err();
+        assert_eq!(e.code, 7);
+        assert!(e.msg.contains("prevResult"), "{e}");
     }
 }

@@ -55,13 +55,18 @@ pub fn exec_plugin(
             Err(e) => return Err(CniError::internal(format!("exec {}: {e}", bin.display()))),
         }
     };
-    if let Some(mut si) = child.stdin.take() {
-        // A child that exits without reading stdin closes the pipe: not our error.
-        let _ = si.write_all(stdin);
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| CniError::internal(format!("wait {}: {e}", bin.display())))?;
+    // stdin is written from a second thread while this one drains stdout and stderr: a child
+    // that prints more than a pipe buffer before reading its stdin would otherwise deadlock.
+    let out = std::thread::scope(|s| {
+        if let Some(mut si) = child.stdin.take() {
+            // A child that exits without reading stdin closes the pipe: not our error.
+            s.spawn(move || {
+                let _ = si.write_all(stdin);
+            });
+        }
+        child.wait_with_output()
+    })
+    .map_err(|e| CniError::internal(format!("wait {}: {e}", bin.display())))?;
     if out.status.success() {
         return Ok(out.stdout);
     }
@@ -139,5 +144,31 @@ mod tests {
         assert!(e.msg.contains("oops"), "{e}");
         let ok = exec_plugin(sh, Command::Del, b"echo $CNI_COMMAND", &[]).unwrap();
         assert_eq!(ok, b"DEL\n");
+    }
+
+    /// A delegate that prints more than a pipe buffer before it reads a stdin larger than one:
+    /// writing all of stdin first deadlocks both processes.
+    #[test]
+    fn large_stdout_before_reading_large_stdin_does_not_deadlock() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("chatty");
+        std::fs::write(
+            &bin,
+            "#!/bin/sh\nhead -c 200000 /dev/zero\nwc -c >&2\nexit 0\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let stdin = vec![b'{'; 200_000];
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b = bin.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(exec_plugin(&b, Command::Add, &stdin, &[]));
+        });
+        let out = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("exec_plugin deadlocked on a chatty delegate")
+            .unwrap();
+        assert_eq!(out.len(), 200_000);
     }
 }
