@@ -13,6 +13,8 @@ pub struct Loopback;
 
 impl Plugin for Loopback {
     fn add(&self, req: &Request) -> Result<CniResult, CniError> {
+        // Checked before `lo` is touched: bad input changes nothing.
+        req.conf.check_prev_result()?;
         let ns = req.env.open_netns()?;
         let addrs = run_in_ns(ns, |h| async move {
             let lo = link_by_name(&h, LO)

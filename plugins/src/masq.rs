@@ -46,8 +46,15 @@ fn run_nft(args: &[&str], stdin: Option<&str>) -> Result<Vec<u8>, CniError> {
     nft::run(args, stdin).map_err(|e| CniError::internal(e.to_string()))
 }
 
-/// Adds one masquerade rule per address: `saddr ip, daddr outside its subnet and not multicast`.
-pub fn add(network: &str, container_id: &str, addrs: &[IpNetwork]) -> Result<(), CniError> {
+/// Adds one masquerade rule per address: `saddr ip, daddr outside its subnet, outside every
+/// `exclude` prefix of its family (the cluster network: pod→pod keeps the pod's source IP),
+/// and not multicast`.
+pub fn add(
+    network: &str,
+    container_id: &str,
+    addrs: &[IpNetwork],
+    exclude: &[IpNetwork],
+) -> Result<(), CniError> {
     if addrs.is_empty() {
         return Ok(());
     }
@@ -63,8 +70,22 @@ pub fn add(network: &str, container_id: &str, addrs: &[IpNetwork]) -> Result<(),
         } else {
             ("ip6", "ff00::/8")
         };
+        // One `daddr !=` per prefix (all must hold): an anonymous set would refuse the
+        // overlapping subnet and cluster network.
+        let mut skip = vec![subnet];
+        for e in exclude.iter().filter(|e| e.is_ipv4() == a.is_ipv4()) {
+            let e = IpNetwork::new(e.network(), e.prefix())
+                .map_err(|e| CniError::internal(e.to_string()))?;
+            if !skip.contains(&e) {
+                skip.push(e);
+            }
+        }
+        let daddr: String = skip
+            .iter()
+            .map(|n| format!("{fam} daddr != {n} "))
+            .collect();
         script.push_str(&format!(
-            "add rule inet {TABLE} {CHAIN} {fam} saddr {ip} {fam} daddr != {subnet} {fam} daddr != {mcast} masquerade comment \"{k}\"\n",
+            "add rule inet {TABLE} {CHAIN} {fam} saddr {ip} {daddr}{fam} daddr != {mcast} masquerade comment \"{k}\"\n",
             ip = a.ip()
         ));
     }
@@ -94,26 +115,45 @@ fn rules() -> Result<Vec<(u64, String)>, CniError> {
         .collect())
 }
 
-fn delete_handles(handles: &[u64]) -> Result<(), CniError> {
-    if handles.is_empty() {
-        return Ok(());
+/// How often the list-then-delete is retried when another process removed some of the listed
+/// rules first. Each retry only happens after someone else made progress, so few are needed.
+const DELETE_ATTEMPTS: usize = 16;
+
+/// Deletes the rules `select` picks. A delete script is one transaction that fails as a whole
+/// when any handle is gone (`No such file or directory`): another DEL or GC of the same
+/// attachment got there first. Then the chain is listed again and what is left is deleted, so
+/// concurrent DELs all succeed; a rule already gone is success.
+fn delete_matching(select: impl Fn(&str) -> bool) -> Result<(), CniError> {
+    let mut last = None;
+    for _ in 0..DELETE_ATTEMPTS {
+        let handles: Vec<u64> = rules()?
+            .into_iter()
+            .filter(|(_, c)| select(c))
+            .map(|(h, _)| h)
+            .collect();
+        if handles.is_empty() {
+            return Ok(());
+        }
+        let script: String = handles
+            .iter()
+            .map(|h| format!("delete rule inet {TABLE} {CHAIN} handle {h}\n"))
+            .collect();
+        match nft::run(&["-f", "-"], Some(&script)) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_not_found() => last = Some(e),
+            Err(e) => return Err(CniError::internal(e.to_string())),
+        }
     }
-    let script: String = handles
-        .iter()
-        .map(|h| format!("delete rule inet {TABLE} {CHAIN} handle {h}\n"))
-        .collect();
-    run_nft(&["-f", "-"], Some(&script)).map(|_| ())
+    Err(CniError::internal(format!(
+        "masquerade rules kept changing while being deleted: {}",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    )))
 }
 
 /// Removes the rules of one attachment; nothing to remove is success.
 pub fn del(network: &str, container_id: &str) -> Result<(), CniError> {
     let k = key(network, container_id);
-    let handles: Vec<u64> = rules()?
-        .into_iter()
-        .filter(|(_, c)| *c == k)
-        .map(|(h, _)| h)
-        .collect();
-    delete_handles(&handles)
+    delete_matching(|c| c == k)
 }
 
 /// Whether the attachment has its rules (CHECK).
@@ -129,12 +169,9 @@ pub fn gc(network: &str, valid: &[Attachment]) -> Result<(), CniError> {
         .map(|a| key(network, &a.container_id))
         .collect();
     let prefixes = network_prefixes(network);
-    let handles: Vec<u64> = rules()?
-        .into_iter()
-        .filter(|(_, c)| prefixes.iter().any(|p| c.starts_with(p.as_str())) && !keep.contains(c))
-        .map(|(h, _)| h)
-        .collect();
-    delete_handles(&handles)
+    delete_matching(|c| {
+        prefixes.iter().any(|p| c.starts_with(p.as_str())) && !keep.iter().any(|k| k == c)
+    })
 }
 
 #[cfg(test)]

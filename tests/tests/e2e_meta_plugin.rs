@@ -379,3 +379,267 @@ fn failed_add_is_rolled_back_by_the_runtime_del() {
     rt.del(Some(&list), &a1).expect("DEL");
     assert!(eventually(10, || node.veths() == 0), "host veth removed");
 }
+
+/// Issue 9 item 8: a corrupt saved config used to make DEL succeed and leak the pod's eth0 and
+/// address (the runtime never retries a successful DEL). It fails with 999 naming the file
+/// until the attachment is provably gone: no netns and no reservation.
+#[test]
+fn corrupt_saved_config_fails_del_until_the_attachment_is_gone() {
+    let node = Node::new(false);
+    node.write_subnet_env();
+    let pod = Netns::new("p");
+    let a = attachment(&pod);
+    let list = node.list();
+    let rt = node.runtime();
+    let ip = ip_of(&rt.add(&list, &a).expect("ADD"));
+    let saved = node.saved(&a.container_id);
+    fs::write(&saved, b"{\"type\": \"twill-br").unwrap();
+
+    let err = rt
+        .del(Some(&list), &a)
+        .expect_err("DEL with a corrupt saved config must fail while the pod exists");
+    let msg = err.to_string();
+    assert!(msg.contains(&saved.display().to_string()), "{msg}");
+    assert_eq!(code_of(err), Some(999));
+    assert!(saved.exists(), "the file is kept for the retry");
+    assert!(node.reservation(&ip).exists(), "the address is still held");
+    assert!(pod.has_link("eth0"), "the pod's eth0 is untouched");
+
+    // The sandbox is gone, but the reservation is not: still not provably gone.
+    drop(pod);
+    let err = rt.del(Some(&list), &a).expect_err("reservation still held");
+    let msg = err.to_string();
+    assert!(msg.contains(&ip), "{msg}");
+    assert_eq!(code_of(err), Some(999));
+    assert!(saved.exists());
+
+    // Once the address is released too (host-local GC, an operator), DEL succeeds and the
+    // file goes; a repeated DEL is success as always.
+    fs::remove_file(node.reservation(&ip)).unwrap();
+    rt.del(Some(&list), &a)
+        .expect("DEL of a provably gone attachment");
+    assert!(!saved.exists(), "the corrupt file is removed");
+    rt.del(Some(&list), &a).expect("repeated DEL");
+    assert!(
+        eventually(10, || node.veths() == 0),
+        "veth left on the node"
+    );
+}
+
+/// Issue 9 item 10: the plugins' dirs are created 0700, but an operator's existing dirs keep
+/// their mode (a shared 1777 or a 0755 store was chmod-ed to 0700 before).
+#[test]
+fn existing_data_dirs_keep_their_mode_fresh_ones_are_private() {
+    let node = Node::new(false);
+    node.write_subnet_env();
+    let meta_dir = node.root.join("data/twill");
+    let store_dir = node.root.join("data/networks/twill");
+    fs::create_dir_all(&meta_dir).unwrap();
+    fs::create_dir_all(&store_dir).unwrap();
+    fs::set_permissions(&meta_dir, fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::set_permissions(&store_dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let full_mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let list = node.list();
+    let rt = node.runtime();
+    let pod = Netns::new("p");
+    let a = attachment(&pod);
+    rt.add(&list, &a).expect("ADD");
+    assert_eq!(full_mode(&meta_dir), 0o1777, "meta dataDir chmod-ed");
+    assert_eq!(full_mode(&store_dir), 0o755, "host-local store chmod-ed");
+    assert_eq!(mode(&node.saved(&a.container_id)), 0o600);
+    rt.del(Some(&list), &a).expect("DEL");
+
+    let fresh = Node::new(false);
+    fresh.write_subnet_env();
+    let pod = Netns::new("p");
+    let b = attachment(&pod);
+    let list = fresh.list();
+    let rt = fresh.runtime();
+    rt.add(&list, &b).expect("ADD on a fresh node");
+    for d in ["data/twill", "data/networks", "data/networks/twill"] {
+        assert_eq!(full_mode(&fresh.root.join(d)), 0o700, "{d}");
+    }
+    rt.del(Some(&list), &b).expect("DEL");
+}
+
+/// Issue 9 item 12, meta plugin: a subnet.env whose FLANNEL_SUBNET lies outside FLANNEL_NETWORK
+/// and a prevResult that is not an object are invalid configs (7) and change nothing.
+#[test]
+fn bad_subnet_env_and_prev_result_are_refused() {
+    let node = Node::new(false);
+    fs::write(
+        node.root.join("subnet.env"),
+        SUBNET_ENV.replace("10.250.3.1/24", "10.99.3.1/24"),
+    )
+    .unwrap();
+    let pod = Netns::new("p");
+    let a = attachment(&pod);
+    let list = node.list();
+    let rt = node.runtime();
+    let mut conf = list.plugins[0].clone();
+    conf.insert("name".into(), json!("twill"));
+    conf.insert("cniVersion".into(), json!("1.0.0"));
+    let err = rt
+        .exec("ADD", "twill", &Value::Object(conf.clone()), Some(&a))
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("10.99.3.0/24") && msg.contains("10.250.0.0/16"),
+        "the message names both: {msg}"
+    );
+    assert_eq!(code_of(err), Some(7));
+    node.write_subnet_env();
+    conf.insert("prevResult".into(), json!("x"));
+    let err = rt
+        .exec("ADD", "twill", &Value::Object(conf), Some(&a))
+        .unwrap_err();
+    assert_eq!(code_of(err), Some(7));
+    assert!(!node.saved(&a.container_id).exists(), "nothing saved");
+    assert!(
+        !node.root.join("data/networks/twill").exists(),
+        "nothing reserved"
+    );
+    assert_eq!(node.veths(), 0, "nothing created");
+    assert!(!pod.has_link("eth0"));
+}
+
+/// A TCP listener inside `ns` that reports the peer address of the first connection.
+struct PeerProbe {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl PeerProbe {
+    fn listen(ns: &Netns, addr: &str, port: u16) -> PeerProbe {
+        use std::io::BufRead;
+        const SCRIPT: &str = "import socket,sys\n\
+s=socket.socket()\n\
+s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+s.bind((sys.argv[1],int(sys.argv[2])))\n\
+s.listen(1)\n\
+print('ready',flush=True)\n\
+s.settimeout(60)\n\
+c,a=s.accept()\n\
+print(a[0],flush=True)\n";
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", ns.name(), "python3", "-c", SCRIPT, addr])
+            .arg(port.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 listener");
+        let out = child.stdout.take().expect("stdout");
+        let mut lines = std::io::BufReader::new(out).lines();
+        let ready = lines.next().and_then(|l| l.ok());
+        assert_eq!(ready.as_deref(), Some("ready"), "listener did not start");
+        PeerProbe { child, lines }
+    }
+
+    /// Connects from `from` and returns the source address the listener saw.
+    fn peer_of(mut self, from: &Netns, addr: &str, port: u16) -> String {
+        from.exec(&[
+            "python3",
+            "-c",
+            "import socket,sys\nsocket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=10).close()",
+            addr,
+            &port.to_string(),
+        ]);
+        let seen = self
+            .lines
+            .next()
+            .and_then(|l| l.ok())
+            .expect("peer address");
+        let _ = self.child.wait();
+        seen
+    }
+}
+
+impl Drop for PeerProbe {
+    fn drop(&mut self) {
+        // Only our own child, by its handle.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue 10 item 5: without --ip-masq (FLANNEL_IPMASQ=false) the bridge masquerades pod
+/// traffic, and pod→pod across nodes was NAT'd to the sending node's address because the rule
+/// excluded only the node's own /24. The rule now skips the whole cluster network: the
+/// receiving pod sees the sending pod's IP, while traffic leaving the cluster is still NAT'd.
+#[test]
+fn pod_to_pod_across_nodes_keeps_the_pod_source_ip() {
+    let env = |subnet: &str| {
+        format!(
+            "FLANNEL_NETWORK=10.250.0.0/16\nFLANNEL_SUBNET={subnet}\nFLANNEL_MTU=1400\nFLANNEL_IPMASQ=false\n"
+        )
+    };
+    let (n1, n2) = (Node::new(false), Node::new(false));
+    fs::write(n1.root.join("subnet.env"), env("10.250.1.1/24")).unwrap();
+    fs::write(n2.root.join("subnet.env"), env("10.250.2.1/24")).unwrap();
+    // The underlay between the two node namespaces, with a route to the other node's pods.
+    twill_tests::netns::veth_pair(&n1.ns, "twund0", &n2.ns, "twund0");
+    n1.ns
+        .exec(&["ip", "addr", "add", "192.168.251.1/24", "dev", "twund0"]);
+    n2.ns
+        .exec(&["ip", "addr", "add", "192.168.251.2/24", "dev", "twund0"]);
+    n1.ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        "10.250.2.0/24",
+        "via",
+        "192.168.251.2",
+    ]);
+    n2.ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        "10.250.1.0/24",
+        "via",
+        "192.168.251.1",
+    ]);
+    let (p1, p2) = (Netns::new("p"), Netns::new("p"));
+    let (a1, a2) = (attachment(&p1), attachment(&p2));
+    let (l1, l2) = (n1.list(), n2.list());
+    let (r1, r2) = (n1.runtime(), n2.runtime());
+    let ip1 = ip_of(&r1.add(&l1, &a1).expect("ADD on node 1"));
+    let ip2 = ip_of(&r2.add(&l2, &a2).expect("ADD on node 2"));
+    let d: Value = serde_json::from_slice(&fs::read(n1.saved(&a1.container_id)).unwrap()).unwrap();
+    assert_eq!(
+        d["ipMasq"], true,
+        "FLANNEL_IPMASQ=false: the bridge masquerades"
+    );
+    assert_eq!(d["masqExclude"], json!(["10.250.0.0/16"]));
+
+    let chain = n1
+        .ns
+        .exec(&["nft", "list", "chain", "inet", "twill_masq", "postrouting"]);
+    let rule = chain
+        .lines()
+        .find(|l| l.contains(&format!("ip saddr {ip1} ")))
+        .unwrap_or_else(|| panic!("no masquerade rule for {ip1}: {chain}"));
+    assert!(
+        rule.contains("ip daddr != 10.250.1.0/24")
+            && rule.contains("ip daddr != 10.250.0.0/16")
+            && rule.contains("masquerade"),
+        "{rule}"
+    );
+
+    let seen = PeerProbe::listen(&p2, "0.0.0.0", 7071).peer_of(&p1, &ip2, 7071);
+    assert_eq!(
+        seen, ip1,
+        "pod 2 must see pod 1's address, not a NAT address"
+    );
+    // Leaving the cluster network (to node 2's underlay address) is still masqueraded.
+    let seen = PeerProbe::listen(&n2.ns, "192.168.251.2", 7072).peer_of(&p1, "192.168.251.2", 7072);
+    assert_eq!(seen, "192.168.251.1", "traffic out of the cluster is NAT'd");
+
+    r1.del(Some(&l1), &a1).expect("DEL 1");
+    r2.del(Some(&l2), &a2).expect("DEL 2");
+    let chain = n1
+        .ns
+        .output(&["nft", "list", "chain", "inet", "twill_masq", "postrouting"]);
+    assert!(
+        !String::from_utf8_lossy(&chain.stdout).contains("saddr"),
+        "rules left"
+    );
+}

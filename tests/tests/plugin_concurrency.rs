@@ -307,3 +307,92 @@ fn del_sweeps_parked_links_a_killed_reaper_left_behind() {
         host_veths(&node)
     );
 }
+
+/// Issue 9 item 7: concurrent DELs of one masqueraded attachment. Each DEL lists the rule
+/// handles, then deletes them in one nft transaction; a handle another DEL removed in between
+/// failed the whole DEL with 999 `delete rule … No such file or directory`.
+#[test]
+fn concurrent_dels_of_one_masqueraded_attachment_all_succeed() {
+    let node = Netns::new("nd");
+    let data = tempfile::tempdir().unwrap();
+    let mut c = conf("twcd", "twcdbr0", "10.212.0.0/24", data.path(), true);
+    // Two addresses, two rules per attachment: more handles to race on.
+    c["ipam"] = json!({"type": "twill-host-local", "dataDir": data.path(),
+        "ranges": [[{"subnet": "10.212.0.0/24"}], [{"subnet": "fd12:212::/64"}]]});
+    let bin = twill("twill-bridge");
+    // Another attachment whose rules must survive the storm.
+    let bystander = Netns::new("pd");
+    exec(
+        Some(&node),
+        &bin,
+        &Invocation::new("ADD", "cdkeep", &bystander.path()),
+        &c,
+    )
+    .ok();
+    for round in 0..6 {
+        let pod = Netns::new("pd");
+        let id = format!("cd{round}");
+        let result = exec(
+            Some(&node),
+            &bin,
+            &Invocation::new("ADD", &id, &pod.path()),
+            &c,
+        )
+        .ok();
+        assert_eq!(
+            masq_rules(&node)
+                .iter()
+                .filter(|r| r.ends_with(&id))
+                .count(),
+            2
+        );
+        let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        par_for(16, 16, |i| {
+            // Half with the netns and prevResult, half without a netns (GC-like teardown).
+            let netns = if i % 2 == 0 {
+                pod.path()
+            } else {
+                String::new()
+            };
+            let r = exec(
+                Some(&node),
+                &bin,
+                &Invocation::new("DEL", &id, &netns),
+                &with_prev(&c, &result),
+            );
+            if r.status != 0 {
+                failures.lock().unwrap().push(r.stdout.clone());
+            }
+        });
+        let failures = failures.into_inner().unwrap();
+        assert!(
+            failures.is_empty(),
+            "round {round}: failed DELs: {failures:?}"
+        );
+        assert!(
+            !masq_rules(&node).iter().any(|r| r.ends_with(&id)),
+            "rules left: {:?}",
+            masq_rules(&node)
+        );
+        assert!(!pod.has_link("eth0"));
+    }
+    assert_eq!(
+        masq_rules(&node),
+        ["twill:twcd:cdkeep", "twill:twcd:cdkeep"],
+        "the bystander's rules are untouched"
+    );
+    assert_eq!(
+        reservations(data.path(), "twcd").len(),
+        2,
+        "only the bystander's"
+    );
+    exec(
+        Some(&node),
+        &bin,
+        &Invocation::new("DEL", "cdkeep", &bystander.path()),
+        &c,
+    )
+    .ok();
+    assert!(masq_rules(&node).is_empty());
+    assert!(eventually(10, || host_veths(&node).is_empty()));
+}

@@ -333,3 +333,85 @@ fn bridge_with_another_address_needs_force_address() {
     )
     .ok();
 }
+
+/// Inputs the reference plugins refuse (issue 9 item 12): a /0 pool, wrong-typed requested IPs
+/// and MACs, a prevResult that is not an object. Each is an error with its code on ADD, and
+/// nothing on the node or in the pod changes.
+#[test]
+fn lax_inputs_are_refused_and_change_nothing() {
+    let node = Netns::new("nl");
+    let pod = Netns::new("pl");
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let mut ok = base(d);
+    ok["ipam"]["subnet"] = json!("10.223.0.0/24");
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut c = ok.clone();
+        f(&mut c);
+        c
+    };
+    let add = || Invocation::new("ADD", "lax1", &pod.path());
+    let cases: Vec<(&str, Value)> = vec![
+        (
+            "ipam subnet 0.0.0.0/0",
+            with(&|c| c["ipam"]["subnet"] = json!("0.0.0.0/0")),
+        ),
+        (
+            "ipam range ::/0",
+            with(&|c| {
+                c["ipam"] = json!({"type": "twill-host-local", "dataDir": d,
+                    "ranges": [[{"subnet": "::/0"}]]})
+            }),
+        ),
+        (
+            "runtimeConfig.ips a string",
+            with(&|c| c["runtimeConfig"] = json!({"ips": "10.223.0.9"})),
+        ),
+        (
+            "runtimeConfig.ips holding a number",
+            with(&|c| c["runtimeConfig"] = json!({"ips": [5]})),
+        ),
+        (
+            "runtimeConfig.mac a number",
+            with(&|c| c["runtimeConfig"] = json!({"mac": 5})),
+        ),
+        (
+            "args.cni.ips an object",
+            with(&|c| c["args"] = json!({"cni": {"ips": {"ip": "10.223.0.9"}}})),
+        ),
+        (
+            "args.cni.mac a list",
+            with(&|c| c["args"] = json!({"cni": {"mac": ["02:00:00:00:00:01"]}})),
+        ),
+        (
+            "prevResult a string",
+            with(&|c| c["prevResult"] = json!("x")),
+        ),
+    ];
+    for bin in ["twill-bridge", "twill-host-local"] {
+        let b = twill(bin);
+        for (what, conf) in &cases {
+            // host-local ignores MACs and prevResult, as the reference does.
+            if bin == "twill-host-local" && (what.contains("mac") || what.contains("prevResult")) {
+                continue;
+            }
+            expect(&node, &pod, d, &format!("{bin}: {what}"), 7, || {
+                exec(Some(&node), &b, &add(), conf)
+            });
+        }
+    }
+    // The same config with well-typed values works, so the refusals were about the types.
+    let good = with(&|c| {
+        c["runtimeConfig"] = json!({"ips": ["10.223.0.9/24"], "mac": "02:00:00:00:00:09"});
+        c["prevResult"] = json!({"cniVersion": "1.0.0", "ips": []});
+    });
+    let r = exec(Some(&node), &twill("twill-bridge"), &add(), &good).ok();
+    assert_eq!(r["ips"][0]["address"], "10.223.0.9/24");
+    exec(
+        Some(&node),
+        &twill("twill-bridge"),
+        &Invocation::new("DEL", "lax1", &pod.path()),
+        &good,
+    )
+    .ok();
+}

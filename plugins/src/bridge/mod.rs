@@ -45,6 +45,10 @@ pub struct BridgeConf {
     pub enabledad: bool,
     #[serde(default)]
     pub vlan: u32,
+    /// twill-bridge only: destinations the masquerade leaves alone besides the pod's own
+    /// subnet (the meta plugin renders the cluster network, so pod→pod keeps its source IP).
+    #[serde(rename = "masqExclude", default)]
+    pub masq_exclude: Vec<String>,
 }
 
 fn default_bridge() -> String {
@@ -75,18 +79,28 @@ impl BridgeConf {
         }
         validate_ifname(&c.bridge)
             .map_err(|e| CniError::invalid_config(format!("invalid bridge name: {}", e.msg)))?;
+        c.masq_exclude_nets()?;
         Ok(c)
+    }
+
+    /// `masqExclude` parsed; a malformed entry is code 7.
+    pub fn masq_exclude_nets(&self) -> Result<Vec<IpNetwork>, CniError> {
+        self.masq_exclude
+            .iter()
+            .map(|s| {
+                s.parse::<IpNetwork>().map_err(|_| {
+                    CniError::invalid_config(format!("invalid masqExclude entry {s:?}"))
+                })
+            })
+            .collect()
     }
 }
 
 /// The container MAC requested by the runtime: `runtimeConfig.mac` > `args.cni.mac` > `CNI_ARGS MAC=`.
 fn requested_mac(req: &Request) -> Result<Option<[u8; 6]>, CniError> {
-    let s = req
-        .conf
-        .runtime("mac")
-        .and_then(|v| v.as_str())
-        .or_else(|| req.conf.cni_arg("mac").and_then(|v| v.as_str()))
-        .or_else(|| req.env.args.get("MAC"));
+    // Both typed sources are checked even when the first is set: a wrong type is an error.
+    let (rt, arg) = (req.conf.runtime_str("mac")?, req.conf.cni_arg_str("mac")?);
+    let s = rt.or(arg).or_else(|| req.env.args.get("MAC"));
     let Some(s) = s.filter(|s| !s.is_empty()) else {
         return Ok(None);
     };
@@ -281,13 +295,35 @@ async fn add_links(
     })
 }
 
+/// The `Threads:` count of a `/proc/<pid>/status` text.
+fn threads_in_status(status: &str) -> Option<usize> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Whether this process has exactly one thread (unknown counts as no).
+fn single_threaded() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| threads_in_status(&s))
+        == Some(1)
+}
+
 /// Deletes parked container links in a forked child, so DEL does not wait for the kernel's
-/// veth teardown. Called last, when this process is single-threaded again (the netlink thread
-/// was joined) and holds no lock; the child drops our stdio at once because the runtime reads
-/// our stdout to EOF. If the fork fails the links are deleted here, synchronously.
+/// veth teardown. Called last, when the netlink thread was joined and no lock is held; the
+/// child drops our stdio at once because the runtime reads our stdout to EOF. A child of a
+/// multi-threaded process may only call async-signal-safe functions (another thread may hold
+/// the allocator's lock), so the fork happens only when this process is provably
+/// single-threaded; otherwise, or if the fork fails, the links are deleted here, synchronously.
 fn reap_later(ns: File, names: Vec<String>) -> Result<(), CniError> {
     use nix::unistd::{dup2_stderr, dup2_stdin, dup2_stdout, fork, setsid, ForkResult};
-    // SAFETY: no other thread exists at this point, so the child may allocate and spawn threads.
+    if !single_threaded() {
+        return reap(ns, names);
+    }
+    // SAFETY: this process has a single thread (checked just above, and this thread spawns
+    // none in between), so the child may allocate and spawn threads.
     match unsafe { fork() } {
         Ok(ForkResult::Parent { .. }) => Ok(()),
         Ok(ForkResult::Child) => {
@@ -359,7 +395,8 @@ impl Bridge {
             }
             if bc.ip_masq {
                 let addrs: Vec<IpNetwork> = result.ips.iter().map(|i| i.address).collect();
-                masq::add(&req.conf.name, &req.env.container_id, &addrs)?;
+                let exclude = bc.masq_exclude_nets()?;
+                masq::add(&req.conf.name, &req.env.container_id, &addrs, &exclude)?;
             }
             Ok(())
         };
@@ -401,6 +438,7 @@ impl Bridge {
 impl Plugin for Bridge {
     fn add(&self, req: &Request) -> Result<CniResult, CniError> {
         let bc = BridgeConf::load(&req.conf)?;
+        req.conf.check_prev_result()?;
         let mac = requested_mac(req)?;
         let ns = req.env.open_netns()?;
         let ns_fd = ns
@@ -682,6 +720,62 @@ mod tests {
     }
 
     #[test]
+    fn thread_count_from_status() {
+        assert_eq!(
+            threads_in_status("Name:\tx\nThreads:\t1\nSigQ:\t0/1\n"),
+            Some(1)
+        );
+        assert_eq!(threads_in_status("Threads:\t12\n"), Some(12));
+        assert_eq!(threads_in_status("Name:\tx\n"), None);
+    }
+
+    /// In a multi-threaded process the reaper must not fork: the links are gone when it returns.
+    #[test]
+    fn reaper_is_synchronous_when_other_threads_exist() {
+        if !nix::unistd::Uid::effective().is_root() {
+            return;
+        }
+        struct Ns(String);
+        impl Drop for Ns {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", &self.0])
+                    .status();
+            }
+        }
+        let sh = |args: &[&str]| {
+            let ok = std::process::Command::new("ip").args(args).status();
+            assert!(ok.is_ok_and(|s| s.success()), "ip {args:?}");
+        };
+        let ns = Ns(format!("twreap{}", std::process::id()));
+        sh(&["netns", "add", &ns.0]);
+        let (a, b) = (
+            format!("{}a1", link::PARKED_PREFIX),
+            format!("{}b1", link::PARKED_PREFIX),
+        );
+        sh(&[
+            "-n", &ns.0, "link", "add", &a, "type", "veth", "peer", "name", &b,
+        ]);
+        let path = format!("/run/netns/{}", ns.0);
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || {
+            let _ = stop_rx.recv();
+        });
+        assert!(!single_threaded());
+        reap_later(File::open(&path).unwrap(), vec![a.clone(), b.clone()]).unwrap();
+        let left = run_in_ns(File::open(&path).unwrap(), move |h| async move {
+            Ok((
+                link_by_name(&h, &a).await?.is_some(),
+                link_by_name(&h, &b).await?.is_some(),
+            ))
+        })
+        .unwrap();
+        let _ = stop_tx.send(());
+        other.join().unwrap();
+        assert_eq!(left, (false, false), "links still there: the reaper forked");
+    }
+
+    #[test]
     fn config_validation_and_mac() {
         let bad = |v: serde_json::Value| {
             BridgeConf::load(&NetConf::parse(v.to_string().as_bytes()).unwrap()).unwrap_err()
@@ -693,6 +787,11 @@ mod tests {
         assert_eq!(bad(json!({"name":"n","vlan":5})).code, 2);
         assert_eq!(bad(json!({"name":"n","bridge":"a/b"})).code, 7);
         assert_eq!(bad(json!({"name":"n","mtu":"x"})).code, 7);
+        assert_eq!(
+            bad(json!({"name":"n","masqExclude":["10.0.0.0/33"]})).code,
+            7
+        );
+        assert_eq!(bad(json!({"name":"n","masqExclude":"10.0.0.0/8"})).code, 7);
         let env = Env::from_lookup(|k| match k {
             "CNI_COMMAND" => Some("STATUS".into()),
             "CNI_ARGS" => Some("MAC=02:00:00:00:00:09".into()),
@@ -724,5 +823,12 @@ mod tests {
                 .code,
             7
         );
+        for wrong in [
+            json!({"runtimeConfig":{"mac":5}}),
+            json!({"runtimeConfig":{"mac":["02:00:00:00:00:0a"]}}),
+            json!({"args":{"cni":{"mac":{}}}}),
+        ] {
+            assert_eq!(requested_mac(&mk(wrong)).unwrap_err().code, 7);
+        }
     }
 }

@@ -129,6 +129,13 @@ fn canonicalize(raw: &RawRange) -> Result<Range, CniError> {
         .parse()
         .map_err(|_| invalid(format!("invalid subnet {:?}", raw.subnet)))?;
     let bits = if net.is_ipv4() { 32 } else { 128 };
+    // A /0 would hand out addresses such as 0.0.0.2/0 and give the pod a route to everything
+    // through its own link: no pod network is the whole address space.
+    if net.prefix() == 0 {
+        return Err(invalid(format!(
+            "Network {net} is the whole address space: not a valid pod subnet"
+        )));
+    }
     if net.prefix() > bits - 2 {
         return Err(invalid(format!(
             "Network {net} too small to allocate from."
@@ -175,16 +182,6 @@ fn canonicalize(raw: &RawRange) -> Result<Range, CniError> {
         end,
         gateway,
     })
-}
-
-fn strings(v: Option<&Value>) -> Vec<String> {
-    match v {
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_str().map(str::to_string))
-            .collect(),
-        _ => Vec::new(),
-    }
 }
 
 impl IpamConfig {
@@ -253,9 +250,11 @@ impl IpamConfig {
                 requested.push(parse_ip(s.trim(), "CNI_ARGS IP")?);
             }
         }
-        for s in strings(conf.cni_arg("ips"))
-            .iter()
-            .chain(strings(conf.runtime("ips")).iter())
+        // Wrong-typed lists are errors (the reference fails to decode them), never ignored.
+        for s in conf
+            .cni_arg_strs("ips")?
+            .into_iter()
+            .chain(conf.runtime_strs("ips")?)
         {
             requested.push(parse_ip_or_cidr(s)?);
         }
@@ -332,5 +331,11 @@ mod tests {
         let v6 = load(json!({"ranges":[[{"subnet":"fd00::/120"}]]})).unwrap();
         assert_eq!(v6.range_sets[0][0].end.to_string(), "fd00::ff");
         assert_eq!(load(json!({})).unwrap_err().code, 7);
+        for whole in ["0.0.0.0/0", "::/0"] {
+            let e = load(json!({"subnet": whole})).unwrap_err();
+            assert!(e.code == 7 && e.details.contains(whole), "{e}");
+            let e = load(json!({"ranges":[[{"subnet": whole}]]})).unwrap_err();
+            assert_eq!(e.code, 7);
+        }
     }
 }

@@ -5,8 +5,13 @@
 //! - DEL removes the saved config only after the delegate's DEL succeeded, so a failed DEL
 //!   can be retried instead of leaking the veth and IP;
 //! - CHECK, STATUS and GC are implemented (STATUS is code 50 while subnet.env is missing);
-//! - a missing subnet.env on ADD is code 11 (try again later).
+//! - a missing subnet.env on ADD is code 11 (try again later);
+//! - an unreadable saved config makes DEL fail (999, naming the file) unless the attachment is
+//!   provably gone (flannel returns success and leaks the pod's veth and address);
+//! - a FLANNEL_SUBNET outside FLANNEL_NETWORK is code 7; with `ipMasq` rendered for twill-bridge
+//!   the cluster network is excluded from the masquerade (`masqExclude`).
 
+mod gone;
 pub mod render;
 pub mod store;
 
@@ -44,6 +49,22 @@ fn saved_with_request(saved: Map<String, Value>, conf: &NetConf) -> Map<String, 
     d
 }
 
+fn unreadable(path: &std::path::Path, why: &str) -> CniError {
+    CniError::internal(format!(
+        "saved config {} is not a JSON object, so DEL cannot tell what to undo, and the \
+         attachment may still exist ({why}); repair or remove the file, then DEL again",
+        path.display()
+    ))
+}
+
+/// The delegate type the current config renders (the saved one is unreadable).
+fn meta_delegate_type(meta: &MetaConf) -> String {
+    meta.delegate
+        .as_ref()
+        .map(delegate_type)
+        .unwrap_or_else(|| DEFAULT_DELEGATE.to_string())
+}
+
 fn parse_saved(bytes: &[u8]) -> Option<Map<String, Value>> {
     match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(m)) => Some(m),
@@ -54,6 +75,7 @@ fn parse_saved(bytes: &[u8]) -> Option<Map<String, Value>> {
 impl Plugin for Meta {
     fn add(&self, req: &Request) -> Result<CniResult, CniError> {
         let meta = MetaConf::from_netconf(&req.conf)?;
+        req.conf.check_prev_result()?;
         let env = load_subnet_env(&meta)?;
         let d = render(&req.conf, &meta, &env)?;
         let bytes = to_bytes(&d)?;
@@ -75,11 +97,7 @@ impl Plugin for Meta {
             return Ok(());
         };
         let Some(saved) = parse_saved(&bytes) else {
-            eprintln!(
-                "twill: {} is not a JSON object; leaving it in place",
-                store::path(&meta.data_dir, id).display()
-            );
-            return Ok(());
+            return self.del_unreadable(req, &meta);
         };
         let d = saved_with_request(saved, &req.conf);
         delegate(
@@ -176,6 +194,31 @@ impl Plugin for Meta {
 }
 
 impl Meta {
+    /// DEL when the saved config cannot be parsed: nothing tells what to undo. Success (and the
+    /// file goes) only when the attachment is provably gone (its netns and its reservations);
+    /// otherwise code 999 naming the file, so the runtime retries until an operator repairs
+    /// or removes it, instead of leaking the pod's veth and address (flannel returns success).
+    fn del_unreadable(&self, req: &Request, meta: &MetaConf) -> Result<(), CniError> {
+        let id = &req.env.container_id;
+        let path = store::path(&meta.data_dir, id);
+        match gone::attachment_gone(req) {
+            Ok(gone::Gone::Yes) => {
+                // The default delegate's masquerade rules are keyed by network + container ID,
+                // so they can be removed without the saved config.
+                if meta_delegate_type(meta) == DEFAULT_DELEGATE {
+                    crate::masq::del(&req.conf.name, id)?;
+                }
+                eprintln!(
+                    "twill: {} is not a JSON object; its netns and reservations are gone, removing it",
+                    path.display()
+                );
+                store::remove(&meta.data_dir, id)
+            }
+            Ok(gone::Gone::No(why)) => Err(unreadable(&path, &why)),
+            Err(e) => Err(unreadable(&path, &e.to_string())),
+        }
+    }
+
     /// A synthesised DEL of a stale attachment (its netns is assumed gone), then the file goes.
     /// Only attachments of `network`: the runtime lists the valid attachments of the network
     /// it collects, and networks of this plugin may share a dataDir.

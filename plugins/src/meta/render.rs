@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use ipnetwork::IpNetwork;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use twill_common::cni::{CniError, NetConf};
@@ -68,7 +69,7 @@ impl MetaConf {
 /// Reads the subnet file: missing is "try again later" (twilld has not written it yet),
 /// malformed is an invalid configuration.
 pub fn load_subnet_env(meta: &MetaConf) -> Result<SubnetEnv, CniError> {
-    SubnetEnv::read(&meta.subnet_file).map_err(|e| match e {
+    let env = SubnetEnv::read(&meta.subnet_file).map_err(|e| match e {
         SubnetEnvError::Read { path, source } => CniError::new(
             twill_common::cni::code::TRY_AGAIN_LATER,
             format!(
@@ -78,7 +79,41 @@ pub fn load_subnet_env(meta: &MetaConf) -> Result<SubnetEnv, CniError> {
             ),
         ),
         e => CniError::invalid_config(e.to_string()),
-    })
+    })?;
+    check_subnets_inside(&env, &meta.subnet_file)?;
+    Ok(env)
+}
+
+/// The node's subnet must lie inside the cluster network: routes and the masquerade exclusion
+/// are rendered from the network, so a subnet outside it would give pods a broken datapath.
+fn check_subnets_inside(env: &SubnetEnv, file: &std::path::Path) -> Result<(), CniError> {
+    let outside = |net: IpNetwork, sub: IpNetwork, kn: &str, ks: &str| {
+        CniError::invalid_config(format!(
+            "{}: {ks} {sub} is outside {kn} {net}",
+            file.display()
+        ))
+    };
+    if let (Some(n), Some(s)) = (env.network, env.subnet) {
+        if s.prefix() < n.prefix() || !n.contains(s.network()) {
+            return Err(outside(
+                n.into(),
+                s.into(),
+                "FLANNEL_NETWORK",
+                "FLANNEL_SUBNET",
+            ));
+        }
+    }
+    if let (Some(n), Some(s)) = (env.ipv6_network, env.ipv6_subnet) {
+        if s.prefix() < n.prefix() || !n.contains(s.network()) {
+            return Err(outside(
+                n.into(),
+                s.into(),
+                "FLANNEL_IPV6_NETWORK",
+                "FLANNEL_IPV6_SUBNET",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Renders the delegate config (flannel `getDelegateIPAM` + `doCmdAdd`).
@@ -101,6 +136,22 @@ pub fn render(
         // PublicIP), cni0 still holds the old gateway and flannel fails every new pod with
         // "already has an IP address different from" (flannel#1850). Repair it instead.
         d.entry("forceAddress").or_insert_with(|| json!(true));
+    }
+    let cluster: Vec<String> = [
+        env.network.map(|n| n.to_string()),
+        env.ipv6_network.map(|n| n.to_string()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    // Pod→pod traffic across nodes keeps the pod's source IP: twill-bridge's masquerade skips
+    // the whole cluster network, not only this node's subnet (the flannel plugin's bridge
+    // NATs it). The reference bridge has no such field, so it is rendered for twill-bridge only.
+    if d.get("type").and_then(Value::as_str) == Some(DEFAULT_DELEGATE)
+        && d.get("ipMasq").and_then(Value::as_bool) == Some(true)
+        && !cluster.is_empty()
+    {
+        d.entry("masqExclude").or_insert_with(|| json!(cluster));
     }
     d.insert("name".into(), json!(conf.name));
     d.insert("cniVersion".into(), json!(conf.version()));
@@ -175,6 +226,55 @@ mod tests {
                         "ranges":[[{"subnet":"10.1.17.0/24"}]],"routes":[{"dst":"10.1.0.0/16"}]},
                 "runtimeConfig":{"portMappings":[]}})
         );
+    }
+
+    #[test]
+    fn bridge_masquerade_excludes_the_cluster_network() {
+        let env = SubnetEnv::parse(
+            "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+        )
+        .unwrap();
+        let conf = netconf(json!({"cniVersion":"1.0.0","name":"n","type":"twill"}));
+        let d = render(&conf, &MetaConf::from_netconf(&conf).unwrap(), &env).unwrap();
+        assert_eq!(d["ipMasq"], json!(true));
+        assert_eq!(d["masqExclude"], json!(["10.1.0.0/16"]));
+        // The reference bridge does not know the field; an explicit value wins.
+        for (delegate, want) in [
+            (json!({"type":"bridge"}), None),
+            (
+                json!({"masqExclude":["10.0.0.0/8"]}),
+                Some(json!(["10.0.0.0/8"])),
+            ),
+            (json!({"ipMasq":false}), None),
+        ] {
+            let c = netconf(
+                json!({"cniVersion":"1.0.0","name":"n","type":"twill","delegate":delegate}),
+            );
+            let d = render(&c, &MetaConf::from_netconf(&c).unwrap(), &env).unwrap();
+            assert_eq!(d.get("masqExclude").cloned(), want);
+        }
+    }
+
+    #[test]
+    fn subnet_outside_the_network_is_invalid_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("subnet.env");
+        let conf =
+            netconf(json!({"cniVersion":"1.0.0","name":"n","type":"twill","subnetFile":file}));
+        let meta = MetaConf::from_netconf(&conf).unwrap();
+        for (text, names) in [
+            ("FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.2.3.1/24\n", ["10.2.3.0/24", "10.1.0.0/16"]),
+            ("FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.0.0.1/8\n", ["10.0.0.0/8", "10.1.0.0/16"]),
+            ("FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.1.1/24\nFLANNEL_IPV6_NETWORK=fd00:1::/56\nFLANNEL_IPV6_SUBNET=fd00:2::1/64\n",
+             ["fd00:2::/64", "fd00:1::/56"]),
+        ] {
+            std::fs::write(&file, format!("{text}FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n")).unwrap();
+            let e = load_subnet_env(&meta).unwrap_err();
+            assert_eq!(e.code, 7, "{e}");
+            assert!(names.iter().all(|n| e.msg.contains(n)), "{e}");
+        }
+        std::fs::write(&file, "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n").unwrap();
+        load_subnet_env(&meta).unwrap();
     }
 
     #[test]
