@@ -29,6 +29,8 @@ pub enum Error {
     CniPlugins { dir: PathBuf, reason: String },
     #[error("nftables: {0}")]
     Nft(String),
+    #[error("iptables: {0}")]
+    Iptables(String),
     #[error(
         "{key} already holds a different network config:\n  stored: {stored}\n  wanted: {wanted}\n\
          (use --force to replace it)"

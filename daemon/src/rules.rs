@@ -1,10 +1,14 @@
-//! Forward and masquerade rules, as a narrow trait with an nftables implementation.
+//! Masquerade and forward rules, as a narrow trait with one implementation.
 //!
 //! twill owns the table `ip twill` and rewrites it whole in one `nft -f -` transaction, so a
 //! network change replaces the old rules atomically and nothing else's rules are touched.
 //! Semantics follow flannel's nftables mode (flannel-compat §7.2): no NAT inside the pod
-//! network, masquerade (fully-random) from pods to the outside, packets marked 0x4000 skipped;
-//! plus FORWARD accept for the pod network.
+//! network, masquerade (fully-random) from pods to the outside, packets marked 0x4000 skipped.
+//!
+//! The table has no forward chain: an accept there cannot override another table's drop, and
+//! with nothing dropping it would only cost every forwarded packet a rule walk. Where a
+//! firewall does drop forwarded traffic (Docker's `filter FORWARD` policy DROP), the accept is
+//! put into that chain instead ([`crate::forward`]).
 
 use std::future::Future;
 
@@ -12,6 +16,7 @@ use ipnetwork::Ipv4Network;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
+use crate::forward::ForwardAccept;
 
 pub trait Rules: Send {
     /// Installs the rules for the pod `network` and this node's `subnet`.
@@ -40,10 +45,7 @@ pub fn render(network: Ipv4Network, subnet: Ipv4Network, masquerade: bool) -> St
              \x20   ip saddr != {network} ip daddr {network} masquerade fully-random\n  }}\n"
         ));
     }
-    s.push_str(&format!(
-        "  chain forward {{\n    type filter hook forward priority filter; policy accept;\n\
-         \x20   ip saddr {network} accept\n    ip daddr {network} accept\n  }}\n}}\n"
-    ));
+    s.push_str("}\n");
     s
 }
 
@@ -61,12 +63,15 @@ async fn nft_async(args: Vec<String>, stdin: Option<String>) -> Result<String> {
     .map_err(|e| Error::Nft(format!("nft task: {e}")))?
 }
 
-/// twill's own nftables table.
+/// twill's own nftables table, plus its accept rules where iptables drops forwarded traffic.
 pub struct NftRules {
     masquerade: bool,
     script: Option<String>,
     /// `nft list table` right after applying, to spot removal or edits.
     listing: Option<String>,
+    /// The pod network of the last `apply`, for the forward rules' checks.
+    network: Option<Ipv4Network>,
+    forward: ForwardAccept,
 }
 
 impl NftRules {
@@ -75,6 +80,8 @@ impl NftRules {
             masquerade,
             script: None,
             listing: None,
+            network: None,
+            forward: ForwardAccept::new(),
         }
     }
 
@@ -96,6 +103,9 @@ impl NftRules {
 
 impl Rules for NftRules {
     async fn apply(&mut self, network: Ipv4Network, subnet: Ipv4Network) -> Result<()> {
+        // Set first: without masquerade the script does not name the network, so a changed
+        // network reaches the forward rules only through this.
+        self.network = Some(network);
         let script = render(network, subnet, self.masquerade);
         if self.script.as_deref() == Some(script.as_str()) {
             self.check().await?;
@@ -103,33 +113,24 @@ impl Rules for NftRules {
         }
         self.install(script).await?;
         info!(network = %network, subnet = %subnet, masquerade = self.masquerade, "nftables table ip {TABLE} installed");
+        self.forward.ensure(network).await?;
         Ok(())
     }
 
     async fn check(&mut self) -> Result<bool> {
-        let Some(script) = self.script.clone() else {
+        let (Some(script), Some(network)) = (self.script.clone(), self.network) else {
             return Ok(false);
         };
         let now = NftRules::list().await.ok();
-        if now.is_some() && now == self.listing {
-            return Ok(false);
+        let mut corrected = false;
+        if now.is_none() || now != self.listing {
+            warn!("nftables table ip {TABLE} was changed or removed; re-applying");
+            self.install(script).await?;
+            corrected = true;
         }
-        warn!("nftables table ip {TABLE} was changed or removed; re-applying");
-        self.install(script).await?;
-        Ok(true)
+        // Also picks up a drop that appeared after startup (Docker started later).
+        Ok(self.forward.ensure(network).await? || corrected)
     }
-}
-
-/// Turns on IPv4 forwarding in this network namespace (pods' traffic is routed).
-pub fn enable_ip_forward() -> Result<()> {
-    let p = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(p)
-        .map(|s| s.trim() == "1")
-        .unwrap_or(false)
-    {
-        return Ok(());
-    }
-    std::fs::write(p, "1").map_err(Error::io(format!("write {p}")))
 }
 
 #[cfg(test)]
@@ -154,13 +155,30 @@ mod tests {
         ];
         let start = rules.iter().position(|l| *l == want[0]).unwrap();
         assert_eq!(&rules[start..start + 6], &want);
-        assert!(rules.contains(&"ip saddr 10.5.0.0/16 accept"));
         let no_masq = render(
             "10.5.0.0/16".parse().unwrap(),
             "10.5.3.0/24".parse().unwrap(),
             false,
         );
         assert!(!no_masq.contains("masquerade"));
-        assert!(no_masq.contains("chain forward"));
+    }
+
+    /// Nothing of twill's on the forward path: an accept in its own table cannot beat another
+    /// table's drop and only costs throughput (see `forward` for where the accept goes).
+    #[test]
+    fn table_has_no_forward_chain() {
+        for masq in [true, false] {
+            let s = render(
+                "10.5.0.0/16".parse().unwrap(),
+                "10.5.3.0/24".parse().unwrap(),
+                masq,
+            );
+            assert!(!s.contains("hook forward"), "{s}");
+            assert!(!s.contains(" accept\n"), "{s}");
+            assert!(
+                s.starts_with("add table ip twill\ndelete table ip twill\n"),
+                "{s}"
+            );
+        }
     }
 }
