@@ -63,10 +63,15 @@ pub fn decide(
             stale,
         });
     }
-    // Our stale leases are about to go, so their subnets count as free.
+    // Our stale leases are about to go, so their subnets count as free. Keys the lease guard
+    // rejects as outside the network (`0.0.0.0-0`, a key for the whole network) take nothing:
+    // no node routes them, and counting them would leave every new node out of subnets.
     let taken: Vec<Ipv4Network> = leases
         .iter()
         .filter(|l| !stale.iter().any(|s| s.subnet == l.subnet))
+        .filter(|l| {
+            cfg.network.contains(l.subnet.network()) && l.subnet.prefix() > cfg.network.prefix()
+        })
         .map(|l| l.subnet)
         .collect();
     let exact: HashSet<Ipv4Network> = taken.iter().copied().collect();
@@ -119,6 +124,7 @@ mod tests {
             attrs: LeaseAttrs::vxlan(Ipv4Addr::from(ip), 1, Mac([2, 0, 0, 0, 0, 1])),
             etcd_lease,
             mod_revision: 1,
+            create_revision: 1,
         }
     }
 
@@ -193,6 +199,29 @@ mod tests {
         let ls = vec![
             lease("10.5.0.0/23", [192, 168, 100, 1], 0),
             lease("10.5.2.0/24", [192, 168, 100, 2], 3),
+        ];
+        assert!(matches!(
+            decide(&c, &ls, me, None, &HashSet::new()),
+            Err(Error::OutOfSubnets)
+        ));
+    }
+
+    #[test]
+    fn keys_outside_the_network_take_no_subnet() {
+        let c = cfg(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.2.0"}"#);
+        let me = Ipv4Addr::new(192, 168, 100, 9);
+        let ls = vec![
+            lease("0.0.0.0/0", [192, 168, 100, 66], 7),
+            lease("10.5.0.0/16", [192, 168, 100, 67], 7),
+            lease("10.0.0.0/8", [192, 168, 100, 68], 7),
+            lease("10.5.1.0/24", [192, 168, 100, 1], 7),
+        ];
+        let d = decide(&c, &ls, me, None, &HashSet::new()).unwrap();
+        assert_eq!(d.plan, Plan::Create("10.5.2.0/24".parse().unwrap()));
+        // A foreign half of a subnet inside the network still blocks it.
+        let ls = vec![
+            lease("10.5.1.128/25", [192, 168, 100, 1], 7),
+            lease("10.5.2.0/24", [192, 168, 100, 2], 7),
         ];
         assert!(matches!(
             decide(&c, &ls, me, None, &HashSet::new()),

@@ -28,6 +28,9 @@ pub enum Command {
     InstallCni(crate::install_cni::InstallCniArgs),
     /// Store the network config (`<prefix>/config`) in etcd unless an equal one is there.
     InitNetwork(crate::init_network::InitNetworkArgs),
+    /// Check this node's prerequisites (kernel, firewall, CNI, etcd, lease, MTU, clock);
+    /// exit 0 all ok, 1 warnings, 2 failures.
+    Doctor(crate::doctor::DoctorArgs),
 }
 
 /// How to reach etcd; shared by the daemon and `init-network`.
@@ -76,6 +79,15 @@ pub struct RunArgs {
     /// Masquerade traffic from pods to outside the pod network.
     #[arg(long, env = "TWILLD_IP_MASQ")]
     pub ip_masq: bool,
+    /// TX checksum offload on the VXLAN device: auto turns it off only on kernels older than
+    /// 5.7, whose NAT breaks offloaded VXLAN checksums (see daemon/README.md).
+    #[arg(
+        long,
+        env = "TWILLD_VXLAN_TX_CHECKSUM_OFFLOAD",
+        value_enum,
+        default_value_t = crate::offload::OffloadMode::Auto
+    )]
+    pub vxlan_tx_checksum_offload: crate::offload::OffloadMode,
     /// flannel-format subnet file read by the `twill` CNI plugin.
     #[arg(
         long,
@@ -83,7 +95,9 @@ pub struct RunArgs {
         default_value = "/run/twill/subnet.env"
     )]
     pub subnet_file: PathBuf,
-    #[arg(long, env = "TWILLD_HEALTHZ_IP", default_value = "0.0.0.0")]
+    /// Address of the health server (default 127.0.0.1: metrics and state stay on the node
+    /// unless asked; the DaemonSet's probes run on the node).
+    #[arg(long, env = "TWILLD_HEALTHZ_IP", default_value = "127.0.0.1")]
     pub healthz_ip: IpAddr,
     /// Port of /healthz, /readyz and /metrics; 0 disables the server.
     #[arg(long, env = "TWILLD_HEALTHZ_PORT", default_value_t = 0)]

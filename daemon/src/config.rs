@@ -10,6 +10,7 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use serde_json::{Map, Value};
 
+use crate::backend_type::BackendType;
 use crate::error::{Error, Result};
 
 /// Kernel default VXLAN port for devices flannel creates (not IANA's 4789).
@@ -32,10 +33,10 @@ pub enum BackendConfig {
 
 impl BackendConfig {
     /// The lease's `BackendType`.
-    pub fn type_name(&self) -> &'static str {
+    pub fn backend_type(&self) -> BackendType {
         match self {
-            BackendConfig::Vxlan(_) => "vxlan",
-            BackendConfig::HostGw => "host-gw",
+            BackendConfig::Vxlan(_) => BackendType::Vxlan,
+            BackendConfig::HostGw => BackendType::HostGw,
         }
     }
 }
@@ -207,11 +208,9 @@ impl Default for VxlanConfig {
 }
 
 fn parse_backend(b: &Map<String, Value>) -> Result<BackendConfig> {
-    let ty = get_str(b, "type")?
-        .unwrap_or_else(|| "vxlan".into())
-        .to_ascii_lowercase();
-    match ty.as_str() {
-        "vxlan" => {
+    let ty = get_str(b, "type")?.unwrap_or_else(|| "vxlan".into());
+    match BackendType::parse(&ty) {
+        BackendType::Vxlan => {
             let vni = get_u64(b, "vni")?.unwrap_or(1);
             let vni = u32::try_from(vni)
                 .ok()
@@ -238,9 +237,10 @@ fn parse_backend(b: &Map<String, Value>) -> Result<BackendConfig> {
                 direct_routing: get_bool(b, "directrouting")?.unwrap_or(false),
             }))
         }
-        "host-gw" => Ok(BackendConfig::HostGw),
-        other => Err(Error::Config(format!(
-            "backend type {other:?} is not supported by twill (vxlan, host-gw)"
+        BackendType::HostGw => Ok(BackendConfig::HostGw),
+        BackendType::Other(other) => Err(Error::Config(format!(
+            "backend type {:?} is not supported by twill (vxlan, host-gw)",
+            other.to_ascii_lowercase()
         ))),
     }
 }

@@ -132,6 +132,7 @@ impl EtcdStore {
             attrs,
             etcd_lease: kv.lease(),
             mod_revision: kv.mod_revision(),
+            create_revision: kv.create_revision(),
         })
     }
 }
@@ -182,16 +183,26 @@ impl SubnetStore for EtcdStore {
                 attrs.to_json(),
                 Some(PutOptions::new().with_lease(grant.id())),
             )]);
-        let resp = self.client.kv_client().txn(txn).await?;
+        // A failed or lost txn leaves the grant unattached: revoke it rather than let it live
+        // for the TTL (once per retry).
+        let resp = match self.client.kv_client().txn(txn).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = lc.revoke(grant.id()).await;
+                return Err(e.into());
+            }
+        };
         if !resp.succeeded() {
             let _ = lc.revoke(grant.id()).await;
             return Ok(None);
         }
+        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         Ok(Some(Lease {
             subnet,
             attrs: attrs.clone(),
             etcd_lease: grant.id(),
-            mod_revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+            mod_revision: rev,
+            create_revision: rev,
         }))
     }
 
@@ -211,7 +222,15 @@ impl SubnetStore for EtcdStore {
                 old.mod_revision,
             )])
             .and_then([TxnOp::put(key, attrs.to_json(), put_opts)]);
-        let resp = self.client.kv_client().txn(txn).await?;
+        let resp = match self.client.kv_client().txn(txn).await {
+            Ok(r) => r,
+            Err(e) => {
+                if lease_id != 0 {
+                    let _ = lc.revoke(lease_id).await;
+                }
+                return Err(e.into());
+            }
+        };
         if !resp.succeeded() {
             if lease_id != 0 {
                 let _ = lc.revoke(lease_id).await;
@@ -227,6 +246,29 @@ impl SubnetStore for EtcdStore {
             attrs: attrs.clone(),
             etcd_lease: lease_id,
             mod_revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+            create_revision: old.create_revision,
+        }))
+    }
+
+    async fn rewrite(&self, current: &Lease, attrs: &LeaseAttrs) -> Result<Option<Lease>> {
+        let key = self.key(current.subnet);
+        let put_opts =
+            (current.etcd_lease != 0).then(|| PutOptions::new().with_lease(current.etcd_lease));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                current.mod_revision,
+            )])
+            .and_then([TxnOp::put(key, attrs.to_json(), put_opts)]);
+        let resp = self.client.kv_client().txn(txn).await?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        Ok(Some(Lease {
+            attrs: attrs.clone(),
+            mod_revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+            ..current.clone()
         }))
     }
 

@@ -5,29 +5,15 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgGroup, Args, ValueEnum};
+use clap::{ArgGroup, Args};
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
 use ipnetwork::Ipv4Network;
 use serde_json::{Map, Value};
 
+use crate::backend_type::BackendType;
 use crate::cli::EtcdArgs;
 use crate::config::NetworkConfig;
 use crate::error::{Error, Result};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Backend {
-    Vxlan,
-    HostGw,
-}
-
-impl Backend {
-    fn flannel_type(self) -> &'static str {
-        match self {
-            Backend::Vxlan => "vxlan",
-            Backend::HostGw => "host-gw",
-        }
-    }
-}
 
 #[derive(Debug, Clone, Args)]
 #[command(group(ArgGroup::new("source").required(true).args(["network", "config_file"])))]
@@ -38,8 +24,8 @@ pub struct InitNetworkArgs {
     #[arg(long, env = "TWILLD_NETWORK")]
     pub network: Option<Ipv4Network>,
     /// Overlay backend.
-    #[arg(long, env = "TWILLD_BACKEND", value_enum, default_value_t = Backend::Vxlan)]
-    pub backend: Backend,
+    #[arg(long, env = "TWILLD_BACKEND", value_enum, default_value_t = BackendType::Vxlan)]
+    pub backend: BackendType,
     /// Prefix length of each node's subnet (default: flannel's, 24 for networks up to /22).
     #[arg(long, env = "TWILLD_SUBNET_LEN")]
     pub subnet_len: Option<u8>,
@@ -87,11 +73,14 @@ pub async fn run(args: &InitNetworkArgs) -> Result<Outcome> {
     let outcome = if resp.succeeded() {
         Outcome::Created
     } else {
-        let stored = resp
+        let (stored, stored_rev) = resp
             .op_responses()
             .into_iter()
             .find_map(|r| match r {
-                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .map(|kv| (kv.value().to_vec(), kv.mod_revision())),
                 _ => None,
             })
             .unwrap_or_default();
@@ -100,7 +89,20 @@ pub async fn run(args: &InitNetworkArgs) -> Result<Outcome> {
         if NetworkConfig::parse(&stored_text).ok().as_ref() == Some(&wanted) {
             Outcome::AlreadyEqual
         } else if args.force {
-            client.put(key.as_str(), wanted_text.as_str(), None).await?;
+            // Replace exactly the value that was read and compared: a config another operator
+            // wrote in between is not overwritten blindly.
+            let cas = Txn::new()
+                .when(vec![Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    stored_rev,
+                )])
+                .and_then(vec![TxnOp::put(key.as_str(), wanted_text.as_str(), None)]);
+            if !client.txn(cas).await?.succeeded() {
+                return Err(Error::Config(format!(
+                    "{key} changed while init-network --force was replacing it; run it again"
+                )));
+            }
             Outcome::Replaced
         } else {
             return Err(Error::ConfigExists {
@@ -125,10 +127,7 @@ fn build_config(args: &InitNetworkArgs) -> Result<Value> {
         obj.insert("SubnetLen".into(), Value::from(len));
     }
     let mut backend = Map::new();
-    backend.insert(
-        "Type".into(),
-        Value::String(args.backend.flannel_type().into()),
-    );
+    backend.insert("Type".into(), Value::String(args.backend.to_string()));
     obj.insert("Backend".into(), Value::Object(backend));
     Ok(Value::Object(obj))
 }

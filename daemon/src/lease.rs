@@ -7,6 +7,8 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use serde_json::{json, Map, Value};
 
+use crate::backend_type::BackendType;
+
 /// A 48-bit MAC address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Mac(pub [u8; 6]);
@@ -47,7 +49,7 @@ impl Mac {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LeaseAttrs {
     pub public_ip: Ipv4Addr,
-    pub backend_type: String,
+    pub backend_type: BackendType,
     pub backend_data: Value,
 }
 
@@ -55,7 +57,7 @@ impl LeaseAttrs {
     pub fn vxlan(public_ip: Ipv4Addr, vni: u32, mac: Mac) -> LeaseAttrs {
         LeaseAttrs {
             public_ip,
-            backend_type: "vxlan".into(),
+            backend_type: BackendType::Vxlan,
             backend_data: json!({"VNI": vni, "VtepMAC": mac.to_string()}),
         }
     }
@@ -63,7 +65,7 @@ impl LeaseAttrs {
     pub fn host_gw(public_ip: Ipv4Addr) -> LeaseAttrs {
         LeaseAttrs {
             public_ip,
-            backend_type: "host-gw".into(),
+            backend_type: BackendType::HostGw,
             backend_data: Value::Null,
         }
     }
@@ -73,7 +75,7 @@ impl LeaseAttrs {
         let mut s = format!(
             "{{\"PublicIP\":\"{}\",\"PublicIPv6\":null,\"BackendType\":{}",
             self.public_ip,
-            Value::String(self.backend_type.clone())
+            Value::String(self.backend_type.to_string())
         );
         if !self.backend_data.is_null() {
             s.push_str(",\"BackendData\":");
@@ -88,11 +90,16 @@ impl LeaseAttrs {
         let v: Value = serde_json::from_slice(value).ok()?;
         let obj = lower(v.as_object()?);
         let public_ip = obj.get("publicip")?.as_str()?.parse().ok()?;
-        let backend_type = obj
+        // Lease values are exact (flannel writes lower case); an unknown one stays as it is.
+        let backend_type = match obj
             .get("backendtype")
             .and_then(|t| t.as_str())
             .unwrap_or("")
-            .to_string();
+        {
+            "vxlan" => BackendType::Vxlan,
+            "host-gw" => BackendType::HostGw,
+            other => BackendType::Other(other.to_string()),
+        };
         let backend_data = obj.get("backenddata").cloned().unwrap_or(Value::Null);
         Some(LeaseAttrs {
             public_ip,
@@ -101,9 +108,13 @@ impl LeaseAttrs {
         })
     }
 
+    pub fn is_vxlan(&self) -> bool {
+        self.backend_type == BackendType::Vxlan
+    }
+
     /// VtepMAC and VNI of a vxlan lease.
     pub fn vtep(&self) -> Option<(Mac, u32)> {
-        if self.backend_type != "vxlan" {
+        if !self.is_vxlan() {
             return None;
         }
         let d = lower(self.backend_data.as_object()?);
@@ -128,6 +139,9 @@ pub struct Lease {
     pub etcd_lease: i64,
     /// The key's mod revision, for compare-and-swap updates.
     pub mod_revision: i64,
+    /// The key's create revision: the older of two conflicting keys wins (lease guard,
+    /// duplicate VtepMAC).
+    pub create_revision: i64,
 }
 
 /// `10.5.52.0-24` for `10.5.52.0/24`.

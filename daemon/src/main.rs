@@ -2,19 +2,28 @@
 
 mod alloc;
 mod backend;
+mod backend_type;
 mod cli;
 mod cni_conf;
 mod config;
 mod daemon;
+mod doctor;
 mod error;
 mod etcd_store;
+mod forward;
+mod guard;
 mod health;
+mod host;
 mod iface;
 mod init_network;
 mod install_cni;
+mod iptables;
 mod lease;
 mod metrics;
 mod netlink;
+mod offload;
+mod own_lease;
+mod readiness;
 mod rules;
 mod store;
 
@@ -68,6 +77,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => rt.block_on(run_daemon(cli.run)).map_err(|e| e.to_string()),
         Some(cli::Command::InstallCni(args)) => install_cni::run(&args).map_err(|e| e.to_string()),
+        Some(cli::Command::Doctor(args)) => return doctor::main(rt, &args),
         Some(cli::Command::InitNetwork(args)) => rt
             .block_on(init_network::run(&args))
             .map(drop)

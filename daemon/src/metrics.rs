@@ -1,7 +1,12 @@
 //! Counters and gauges exported at `/metrics` in Prometheus' text format.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::guard::Reason;
+use crate::readiness::Readiness;
 
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
@@ -34,17 +39,45 @@ pub struct Metrics {
     pub etcd_reconnects: Counter,
     /// Successful renewals of our etcd lease.
     pub lease_renewals: Counter,
-    /// subnet.env written, conflist written and backend programmed.
-    pub ready: AtomicBool,
+    /// Peers the kernel refused in the last pass (gauge; retried every pass).
+    pub peers_failed: Counter,
+    /// 1 while another network's CNI config sorts before twill's (gauge).
+    pub cni_config_shadowed: Counter,
+    /// Leases the lease guard keeps out of the kernel, by reason (gauge).
+    rejected: Mutex<BTreeMap<Reason, u64>>,
+    /// What `/readyz` reports.
+    readiness: Mutex<Option<Readiness>>,
 }
 
 impl Metrics {
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.readiness
+            .lock()
+            .map(|r| r.as_ref().is_some_and(Readiness::is_ready))
+            .unwrap_or(false)
     }
 
-    pub fn set_ready(&self, r: bool) {
-        self.ready.store(r, Ordering::Relaxed);
+    pub fn set_readiness(&self, r: &Readiness) {
+        if let Ok(mut g) = self.readiness.lock() {
+            if g.as_ref() != Some(r) {
+                *g = Some(r.clone());
+            }
+        }
+    }
+
+    /// The `/readyz` body.
+    pub fn readiness_body(&self) -> String {
+        self.readiness
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(Readiness::body))
+            .unwrap_or_else(|| "twilld is starting\n".into())
+    }
+
+    pub fn set_rejected(&self, counts: BTreeMap<Reason, u64>) {
+        if let Ok(mut g) = self.rejected.lock() {
+            *g = counts;
+        }
     }
 
     pub fn render(&self) -> String {
@@ -83,11 +116,32 @@ impl Metrics {
             self.lease_renewals.get(),
         );
         one(
+            "twill_peers_failed",
+            "gauge",
+            "Peers the kernel refused in the last reconcile pass (retried every pass).",
+            self.peers_failed.get(),
+        );
+        one(
+            "twill_cni_config_shadowed",
+            "gauge",
+            "1 while another network's CNI config sorts before twill's (the runtime uses that one).",
+            self.cni_config_shadowed.get(),
+        );
+        one(
             "twill_ready",
             "gauge",
-            "1 when subnet.env, the CNI config and the backend are in place.",
+            "1 when the lease, device, peers, rules, subnet.env and the CNI config are in place.",
             self.is_ready() as u64,
         );
+        let _ = writeln!(
+            s,
+            "# HELP twill_leases_rejected Leases the lease guard keeps out of the kernel, by reason.\n# TYPE twill_leases_rejected gauge"
+        );
+        let rejected = self.rejected.lock().map(|g| g.clone()).unwrap_or_default();
+        for r in Reason::ALL {
+            let n = rejected.get(&r).copied().unwrap_or(0);
+            let _ = writeln!(s, "twill_leases_rejected{{reason=\"{r}\"}} {n}");
+        }
         s
     }
 }

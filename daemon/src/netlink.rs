@@ -383,6 +383,19 @@ impl Netlink {
         Ok(self.handle.route().add(msg).replace().execute().await?)
     }
 
+    /// `ip route add <dst> via <gw> dev <oif> [onlink] proto 116`: fails with EEXIST when any
+    /// route to `dst` exists (so a foreign one is never replaced blindly).
+    pub async fn route_add(
+        &self,
+        dst: Ipv4Network,
+        gw: Ipv4Addr,
+        oif: u32,
+        onlink: bool,
+    ) -> Result<(), rtnetlink::Error> {
+        let msg = Netlink::route_msg(dst, gw, oif, onlink);
+        self.handle.route().add(msg).execute().await
+    }
+
     pub async fn route_del(&self, msg: RouteMessage) -> Result<()> {
         ignore_missing(self.handle.route().del(msg).execute().await)
     }
@@ -407,7 +420,9 @@ impl Netlink {
         let msgs: Vec<RouteMessage> = self.handle.route().get(msg).execute().try_collect().await?;
         let mut out = Vec::new();
         for m in msgs {
-            if m.header.table != RouteHeader::RT_TABLE_MAIN || m.header.kind != RouteType::Unicast {
+            // Every type counts: a foreign blackhole or unreachable route to a peer's prefix
+            // must be seen (and left alone) as much as a unicast one.
+            if m.header.table != RouteHeader::RT_TABLE_MAIN {
                 continue;
             }
             let mut dst = None;

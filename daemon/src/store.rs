@@ -47,6 +47,14 @@ pub trait SubnetStore: Clone + Send + Sync + 'static {
         attrs: &LeaseAttrs,
         ttl: i64,
     ) -> impl Future<Output = Result<Option<Lease>>> + Send;
+    /// Puts `attrs` back into an existing key, keeping its etcd lease (compare-and-swap on
+    /// `current`'s mod revision): how a node restores its own lease after a foreign write.
+    /// None when the key changed meanwhile.
+    fn rewrite(
+        &self,
+        current: &Lease,
+        attrs: &LeaseAttrs,
+    ) -> impl Future<Output = Result<Option<Lease>>> + Send;
     /// Deletes a key if unchanged since `lease` was read.
     fn delete(&self, lease: &Lease) -> impl Future<Output = Result<()>> + Send;
     /// Renews an etcd lease; false when it no longer exists.

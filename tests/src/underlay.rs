@@ -164,7 +164,19 @@ impl NodeDirs {
     }
 
     pub fn subnet_file(&self) -> std::path::PathBuf {
-        self.root.path().join("run/subnet.env")
+        self.run_dir().join("subnet.env")
+    }
+    /// The node's `/run/twill`: subnet.env and the conflist file the conf dir links to.
+    pub fn run_dir(&self) -> std::path::PathBuf {
+        self.root.path().join("run")
+    }
+    /// What a reboot does to `/run/twill`: everything in it is gone.
+    pub fn wipe_run_dir(&self) {
+        match std::fs::remove_dir_all(self.run_dir()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("wipe {}: {e}", self.run_dir().display()),
+        }
     }
     pub fn cni_conf_dir(&self) -> std::path::PathBuf {
         self.root.path().join("net.d")
@@ -417,9 +429,11 @@ impl Underlay {
 /// println!("{} leased {}", a.node.name(), a.subnet());
 /// ```
 pub struct Member {
+    // Dropped in declaration order: the daemon goes first, so it cannot recreate files in the
+    // dirs (it repairs missing ones every pass) or touch the namespace while they are removed.
+    pub daemon: Twilld,
     pub node: Node,
     pub dirs: NodeDirs,
-    pub daemon: Twilld,
 }
 
 impl Member {
@@ -510,4 +524,59 @@ impl Member {
     pub fn vtep_state(&self) -> (String, String, String) {
         vtep_state(&self.node.ns, VTEP)
     }
+}
+
+impl Member {
+    /// `GET http://127.0.0.1:<port><path>` from inside the node's namespace, where twilld's
+    /// health server listens: `(status, body)`, status 0 when nothing answered within 3 s.
+    pub fn http_get(&self, port: u16, path: &str) -> (u16, String) {
+        let url = format!("http://127.0.0.1:{port}{path}");
+        let out = self.node.ns.output(&[
+            "curl",
+            "-s",
+            "--max-time",
+            "3",
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// The `/metrics` text of the health server on `port` ("" when it does not answer).
+    pub fn metrics(&self, port: u16) -> String {
+        match self.http_get(port, "/metrics") {
+            (200, body) => body,
+            _ => String::new(),
+        }
+    }
+
+    /// Whether etcd answers a health check (a read) from inside this node's namespace, over
+    /// the same route twilld uses.
+    pub fn reaches_etcd(&self, etcd: &crate::etcd::Etcd) -> bool {
+        self.node
+            .ns
+            .output(&[
+                crate::etcd::ETCDCTL,
+                &format!("--endpoints={}", etcd.endpoint()),
+                "--dial-timeout=2s",
+                "--command-timeout=3s",
+                "endpoint",
+                "health",
+            ])
+            .status
+            .success()
+    }
+}
+
+/// The value of one sample in a Prometheus text exposition: `sample` is the metric name with
+/// its labels as rendered, e.g. `twill_leases_rejected{reason="bad_vtep_mac"}`. None when the
+/// sample is absent or its value is not a number.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }

@@ -4,6 +4,7 @@
 //! `twill.<VNI>`, neighbour → FDB → onlink route per peer, optional DirectRouting) and
 //! `host-gw` (a plain route via the peer's PublicIP).
 
+pub mod plan;
 pub mod routed;
 
 use std::collections::HashMap;
@@ -13,6 +14,16 @@ use ipnetwork::Ipv4Network;
 
 use crate::error::Result;
 use crate::lease::{Lease, LeaseAttrs};
+
+/// The outcome of a reconcile pass that could read the kernel.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Report {
+    /// Kernel entries added or removed because they had drifted.
+    pub corrections: u64,
+    /// Peers not programmed this pass, with why; retried on the next pass. A peer the kernel
+    /// refuses never keeps the node from turning Ready.
+    pub failed: Vec<(Ipv4Network, String)>,
+}
 
 pub trait Backend: Send {
     /// BackendType and BackendData advertised in this node's lease. Valid after `prepare`.
@@ -33,9 +44,13 @@ pub trait Backend: Send {
     /// Removes what was programmed for a peer subnet.
     fn remove_peer(&mut self, subnet: Ipv4Network) -> impl Future<Output = Result<()>> + Send;
     /// Makes the kernel state exactly match `peers`: adds what is missing, removes what no
-    /// lease explains. Returns the number of corrections.
+    /// lease explains, never touches what twill does not own. Err only when the kernel state
+    /// could not be read; per-peer failures are in the report.
     fn reconcile(
         &mut self,
         peers: &HashMap<Ipv4Network, Lease>,
-    ) -> impl Future<Output = Result<u64>> + Send;
+    ) -> impl Future<Output = Result<Report>> + Send;
+    /// Picks a new random VtepMAC, persists it and sets it on the device (another node
+    /// advertises ours). No-op for backends without a MAC.
+    fn renew_mac(&mut self) -> impl Future<Output = Result<()>> + Send;
 }

@@ -5,7 +5,7 @@
 //! route `<subnet> via <network address> dev twill.<VNI> onlink`. A DirectRouting peer on
 //! our L2 and every host-gw peer get `<subnet> via <PublicIP> dev <underlay> proto 116`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -16,59 +16,46 @@ use netlink_packet_route::route::RouteProtocol;
 use rtnetlink::LinkVxlan;
 use tracing::{info, warn};
 
-use super::Backend;
+use super::plan::{self, Devs, KNeigh, KRoute, Kernel, Path};
+use super::{Backend, Report};
+use crate::backend_type::BackendType;
 use crate::config::{BackendConfig, VxlanConfig};
 use crate::error::{Error, Result};
 use crate::iface::Underlay;
 use crate::lease::{Lease, LeaseAttrs, Mac};
 use crate::netlink::{Netlink, TWILL_ROUTE_PROTO};
+use crate::offload::OffloadMode;
 
 /// In-flight netlink requests while bulk-programming (one socket, pipelined).
 const PARALLEL: usize = 128;
-
-/// What one peer needs in the kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Path {
-    Vxlan {
-        gw: Ipv4Addr,
-        mac: Mac,
-        public: Ipv4Addr,
-    },
-    Direct {
-        gw: Ipv4Addr,
-    },
-}
 
 pub struct RoutedBackend {
     nl: Netlink,
     vxlan: Option<VxlanConfig>,
     underlay: Underlay,
     state_dir: PathBuf,
+    offload: OffloadMode,
     mac: Option<Mac>,
     dev_index: u32,
     programmed: HashMap<Ipv4Network, Path>,
 }
 
-/// Runs `f` over `items` with bounded concurrency; returns the number of failures.
-async fn run_all<T, F, Fut>(items: Vec<T>, f: F) -> usize
+/// Runs `f` over `items` with bounded concurrency; returns the items whose operation failed,
+/// with the error.
+async fn run_all<T, F, Fut>(items: Vec<T>, f: F) -> Vec<(T, String)>
 where
+    T: Copy,
     F: Fn(T) -> Fut,
     Fut: std::future::Future<Output = Result<()>>,
 {
-    let results: Vec<Result<()>> = futures::stream::iter(items.into_iter().map(f))
-        .buffer_unordered(PARALLEL)
-        .collect()
-        .await;
-    let mut failed = 0;
-    for r in results {
-        if let Err(e) = r {
-            if failed == 0 {
-                warn!("netlink: {e}");
-            }
-            failed += 1;
-        }
-    }
-    failed
+    futures::stream::iter(items.into_iter().map(|t| {
+        let fut = f(t);
+        async move { (t, fut.await) }
+    }))
+    .buffer_unordered(PARALLEL)
+    .filter_map(|(t, r)| async move { r.err().map(|e| (t, e.to_string())) })
+    .collect()
+    .await
 }
 
 impl RoutedBackend {
@@ -77,6 +64,7 @@ impl RoutedBackend {
         cfg: &BackendConfig,
         underlay: Underlay,
         state_dir: PathBuf,
+        offload: OffloadMode,
     ) -> Result<RoutedBackend> {
         let vxlan = match cfg {
             BackendConfig::Vxlan(v) => Some(v.clone()),
@@ -100,6 +88,7 @@ impl RoutedBackend {
             vxlan,
             underlay,
             state_dir,
+            offload,
             mac: None,
             dev_index: 0,
             programmed: HashMap::new(),
@@ -155,7 +144,8 @@ impl RoutedBackend {
                     })
                 }
             }
-            None => (lease.attrs.backend_type == "host-gw").then_some(Path::Direct { gw: public }),
+            None => (lease.attrs.backend_type == BackendType::HostGw)
+                .then_some(Path::Direct { gw: public }),
         }
     }
 
@@ -249,6 +239,45 @@ impl RoutedBackend {
         Ok(true)
     }
 
+    /// Installs the route to a peer. A first install adds (exclusive): if a route to `dst`
+    /// exists and is not ours (an operator's, a connected one), it stays and this peer fails;
+    /// only our own route is replaced.
+    async fn set_route(
+        &self,
+        dst: Ipv4Network,
+        gw: Ipv4Addr,
+        oif: u32,
+        onlink: bool,
+        first: bool,
+    ) -> Result<()> {
+        if first {
+            match self.nl.route_add(dst, gw, oif, onlink).await {
+                Ok(()) => return Ok(()),
+                Err(e) if twill_common::netlink::is_exists(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let foreign = self
+                .nl
+                .main_routes()
+                .await?
+                .iter()
+                .any(|r| r.dst == dst && !self.owns(r));
+            if foreign {
+                return Err(Error::Backend(format!(
+                    "a route to {dst} exists that twilld does not own; left in place"
+                )));
+            }
+        }
+        self.nl.route_replace(dst, gw, oif, onlink).await
+    }
+
+    /// A route twill manages: on its VTEP, or on the underlay with twill's protocol number.
+    fn owns(&self, r: &crate::netlink::RouteEntry) -> bool {
+        (self.dev_index != 0 && r.oif == Some(self.dev_index))
+            || (r.oif == Some(self.underlay.index)
+                && r.protocol == RouteProtocol::Other(TWILL_ROUTE_PROTO))
+    }
+
     async fn program(&self, subnet: Ipv4Network, path: Path, old: Option<Path>) -> Result<()> {
         let nl = &self.nl;
         match path {
@@ -258,7 +287,10 @@ impl RoutedBackend {
                     let _ = nl.neigh_del(Netlink::neigh_msg(self.dev_index, gw)).await;
                     return Err(e);
                 }
-                if let Err(e) = nl.route_replace(subnet, gw, self.dev_index, true).await {
+                if let Err(e) = self
+                    .set_route(subnet, gw, self.dev_index, true, old.is_none())
+                    .await
+                {
                     let _ = nl.neigh_del(Netlink::neigh_msg(self.dev_index, gw)).await;
                     let _ = nl
                         .neigh_del(Netlink::fdb_msg(self.dev_index, mac, public))
@@ -279,7 +311,7 @@ impl RoutedBackend {
                 }
             }
             Path::Direct { gw } => {
-                nl.route_replace(subnet, gw, self.underlay.index, false)
+                self.set_route(subnet, gw, self.underlay.index, false, old.is_none())
                     .await?;
                 if let Some(Path::Vxlan {
                     gw: og,
@@ -371,6 +403,8 @@ impl Backend for RoutedBackend {
             self.nl.set_mtu(self.dev_index, self.mtu()).await?;
         }
         self.nl.set_up(self.dev_index).await?;
+        // Checked every pass: a recreated device starts with the kernel's default again.
+        crate::offload::apply_tx_checksum(&RoutedBackend::dev_name(cfg.vni), self.offload)?;
         // Bringing a link up can let udev rewrite its MAC; the lease advertises ours.
         let link = self
             .nl
@@ -415,136 +449,152 @@ impl Backend for RoutedBackend {
         }
     }
 
-    async fn reconcile(&mut self, peers: &HashMap<Ipv4Network, Lease>) -> Result<u64> {
+    async fn renew_mac(&mut self) -> Result<()> {
+        let Some(cfg) = self.vxlan.clone() else {
+            return Ok(());
+        };
+        let mac = Mac::random();
+        self.store_mac(cfg.vni, mac)?;
+        self.mac = Some(mac);
+        if self.dev_index != 0 {
+            self.nl.set_mac(self.dev_index, mac).await?;
+        }
+        info!("{}: new VtepMAC {mac}", RoutedBackend::dev_name(cfg.vni));
+        Ok(())
+    }
+
+    async fn reconcile(&mut self, peers: &HashMap<Ipv4Network, Lease>) -> Result<Report> {
         let want: HashMap<Ipv4Network, Path> = peers
             .values()
             .filter_map(|l| self.path_for(l).map(|p| (l.subnet, p)))
             .collect();
-        let dev = self.dev_index;
-        let ul = self.underlay.index;
-        let nl = self.nl.clone();
-        let mut corrections = 0u64;
-
-        // Current kernel state that is ours to manage.
-        let routes = nl.main_routes().await?;
-        let ours = |r: &crate::netlink::RouteEntry| {
-            (dev != 0 && r.oif == Some(dev))
-                || (r.oif == Some(ul) && r.protocol == RouteProtocol::Other(TWILL_ROUTE_PROTO))
+        let devs = Devs {
+            vtep: self.dev_index,
+            underlay: self.underlay.index,
         };
-        let mut have_routes: HashMap<Ipv4Network, Vec<crate::netlink::RouteEntry>> = HashMap::new();
-        for r in routes.into_iter().filter(|r| ours(r)) {
-            have_routes.entry(r.dst).or_default().push(r);
-        }
-        let (have_neigh, have_fdb) = if self.vxlan.is_some() && dev != 0 {
-            (nl.neighbours(dev).await?, nl.fdb(dev).await?)
+        let nl = self.nl.clone();
+
+        // 1. Dump what the kernel has (a failure here fails the pass: nothing to plan from).
+        let routes = nl.main_routes().await?;
+        let (neighbours, fdb) = if self.vxlan.is_some() && devs.vtep != 0 {
+            (nl.neighbours(devs.vtep).await?, nl.fdb(devs.vtep).await?)
         } else {
             (Vec::new(), Vec::new())
         };
+        let kernel = Kernel {
+            routes: routes
+                .iter()
+                .map(|r| KRoute {
+                    dst: r.dst,
+                    gateway: r.gateway,
+                    oif: r.oif,
+                    onlink: r.onlink,
+                    ours: self.owns(r),
+                })
+                .collect(),
+            neighbours: neighbours.iter().map(kneigh).collect(),
+            fdb: fdb.iter().map(kneigh).collect(),
+        };
 
-        let want_neigh: HashMap<Ipv4Addr, Mac> = want
-            .values()
-            .filter_map(|p| match p {
-                Path::Vxlan { gw, mac, .. } => Some((*gw, *mac)),
-                _ => None,
-            })
-            .collect();
-        let want_fdb: HashSet<(Mac, Ipv4Addr)> = want
-            .values()
-            .filter_map(|p| match p {
-                Path::Vxlan { mac, public, .. } => Some((*mac, *public)),
-                _ => None,
-            })
-            .collect();
-
-        // 1. Routes no lease explains (flannel leaves these behind).
-        let mut del_routes = Vec::new();
-        let mut route_ok: HashSet<Ipv4Network> = HashSet::new();
-        for (dst, entries) in have_routes {
-            let expected = want.get(&dst).map(|p| match p {
-                Path::Vxlan { gw, .. } => (*gw, dev, true),
-                Path::Direct { gw } => (*gw, ul, false),
-            });
-            for e in entries {
-                let matches = expected.is_some_and(|(gw, oif, onlink)| {
-                    e.gateway == Some(gw) && e.oif == Some(oif) && e.onlink == onlink
-                });
-                if matches && !route_ok.contains(&dst) {
-                    route_ok.insert(dst);
-                } else if expected.is_none() {
-                    del_routes.push(e.msg);
-                }
-                // A wrong route to a wanted dst is fixed by the replace below.
-            }
-        }
-        corrections += del_routes.len() as u64;
-        run_all(del_routes, |m| nl.route_del(m)).await;
-
-        // 2. Neighbours and FDB entries: drop stale, collect missing.
-        let mut neigh_ok = HashSet::new();
-        let mut del_neigh = Vec::new();
-        for n in have_neigh {
-            match (n.ip, n.mac) {
-                (Some(ip), Some(mac)) if want_neigh.get(&ip) == Some(&mac) && n.permanent => {
-                    neigh_ok.insert(ip);
-                }
-                (Some(ip), _) if want_neigh.contains_key(&ip) => {} // replaced below
-                _ => del_neigh.push(n.msg),
-            }
-        }
-        let mut fdb_ok = HashSet::new();
-        for f in have_fdb {
-            let dst = f.ip;
-            match (f.mac, dst) {
-                (Some(mac), Some(ip)) if want_fdb.contains(&(mac, ip)) => {
-                    fdb_ok.insert((mac, ip));
-                }
-                (Some(_), Some(_)) => del_neigh.push(f.msg),
-                _ => {}
-            }
-        }
-        corrections += del_neigh.len() as u64;
-        run_all(del_neigh, |m| nl.neigh_del(m)).await;
-
-        // 3. Add in flannel's order: all neighbours, then all FDB entries, then all routes.
-        let add_neigh: Vec<(Ipv4Addr, Mac)> = want_neigh
-            .iter()
-            .filter(|(ip, _)| !neigh_ok.contains(*ip))
-            .map(|(ip, mac)| (*ip, *mac))
-            .collect();
-        let add_fdb: Vec<(Mac, Ipv4Addr)> = want_fdb
-            .iter()
-            .filter(|k| !fdb_ok.contains(*k))
-            .copied()
-            .collect();
-        let add_routes: Vec<(Ipv4Network, Path)> = want
-            .iter()
-            .filter(|(dst, _)| !route_ok.contains(*dst))
-            .map(|(d, p)| (*d, *p))
-            .collect();
+        // 2. Decide.
+        let changes = plan::plan(&want, &kernel, devs);
         let fresh = self.programmed.is_empty();
-        let added = (add_neigh.len() + add_fdb.len() + add_routes.len()) as u64;
-        let mut failed = run_all(add_neigh, |(ip, mac)| nl.neigh_replace(dev, ip, mac)).await;
-        failed += run_all(add_fdb, |(mac, ip)| nl.fdb_replace(dev, mac, ip)).await;
-        failed += run_all(add_routes, |(dst, p)| {
-            let nl = &nl;
-            async move {
-                match p {
-                    Path::Vxlan { gw, .. } => nl.route_replace(dst, gw, dev, true).await,
-                    Path::Direct { gw } => nl.route_replace(dst, gw, ul, false).await,
+        let mut report = Report {
+            corrections: changes.deletions() as u64,
+            failed: changes.blocked.clone(),
+        };
+
+        // 3. Execute: deletions, then flannel's order (all neighbours, all FDB entries, all
+        // routes); a peer whose neighbour or FDB entry failed gets no route (the kernel would
+        // ARP for the gateway).
+        let del_r: Vec<usize> = changes.del_routes.clone();
+        for (i, e) in run_all(del_r, |i| nl.route_del(routes[i].msg.clone())).await {
+            warn!(dst = %routes[i].dst, "deleting a stale route failed: {e}");
+        }
+        let del_n: Vec<usize> = changes.del_neighbours.clone();
+        for (i, e) in run_all(del_n, |i| nl.neigh_del(neighbours[i].msg.clone())).await {
+            warn!("deleting a stale neighbour failed: {e}");
+            let _ = i;
+        }
+        let del_f: Vec<usize> = changes.del_fdb.clone();
+        for (i, e) in run_all(del_f, |i| nl.neigh_del(fdb[i].msg.clone())).await {
+            warn!("deleting a stale FDB entry failed: {e}");
+            let _ = i;
+        }
+        let mut failed: HashMap<Ipv4Network, String> = HashMap::new();
+        let adds: Vec<usize> = (0..changes.add.len()).collect();
+        let add = &changes.add;
+        let dev = devs.vtep;
+        let step = |sel: fn(&plan::Missing) -> bool, failed: &HashMap<Ipv4Network, String>| {
+            adds.iter()
+                .copied()
+                .filter(|i| sel(&add[*i]) && !failed.contains_key(&add[*i].subnet))
+                .collect::<Vec<usize>>()
+        };
+        let neigh_ops = step(|m| m.neigh, &failed);
+        let nl = &nl;
+        for (i, e) in run_all(neigh_ops, |i| async move {
+            match add[i].path {
+                Path::Vxlan { gw, mac, .. } => nl.neigh_replace(dev, gw, mac).await,
+                Path::Direct { .. } => Ok(()),
+            }
+        })
+        .await
+        {
+            failed.insert(add[i].subnet, format!("neighbour: {e}"));
+        }
+        let fdb_ops = step(|m| m.fdb, &failed);
+        for (i, e) in run_all(fdb_ops, |i| async move {
+            match add[i].path {
+                Path::Vxlan { mac, public, .. } => nl.fdb_replace(dev, mac, public).await,
+                Path::Direct { .. } => Ok(()),
+            }
+        })
+        .await
+        {
+            failed.insert(add[i].subnet, format!("FDB entry: {e}"));
+        }
+        let route_ops = step(|m| m.route, &failed);
+        let this = &*self;
+        for (i, e) in run_all(route_ops, |i| async move {
+            let m = add[i];
+            // The plan saw no foreign route to this dst: replace is safe.
+            match m.path {
+                Path::Vxlan { gw, .. } => this.nl.route_replace(m.subnet, gw, dev, true).await,
+                Path::Direct { gw } => {
+                    this.nl
+                        .route_replace(m.subnet, gw, this.underlay.index, false)
+                        .await
                 }
             }
         })
-        .await;
+        .await
+        {
+            failed.insert(add[i].subnet, format!("route: {e}"));
+        }
+
         // Programming from scratch (start, device recreated) is not drift.
         if !fresh {
-            corrections += added;
+            report.corrections += (add.len() - failed.len()) as u64;
         }
-        self.programmed = want;
-        if failed > 0 {
-            return Err(Error::Backend(format!(
-                "{failed} netlink operations failed during reconcile"
-            )));
+        let mut programmed = want;
+        for (subnet, _) in &report.failed {
+            programmed.remove(subnet);
         }
-        Ok(corrections)
+        for subnet in failed.keys() {
+            programmed.remove(subnet);
+        }
+        report.failed.extend(failed);
+        report.failed.sort();
+        self.programmed = programmed;
+        Ok(report)
+    }
+}
+
+fn kneigh(n: &crate::netlink::NeighEntry) -> KNeigh {
+    KNeigh {
+        ip: n.ip,
+        mac: n.mac,
+        permanent: n.permanent,
     }
 }
