@@ -2,17 +2,20 @@
 # twill image: twilld and the CNI plugins. Build from the repository root:
 #   docker build -t twill:0.1.0 .
 # The DaemonSet's init container runs `twilld install-cni`, which copies /opt/twill/bin/* to the
-# node's /opt/cni/bin (portmap only when the node has none); the main container runs twilld.
+# node's /opt/cni/bin (portmap, and twill-loopback as loopback, only when the node has none);
+# the main container runs twilld.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
-# protoc: etcd-client generates its gRPC code at build time.
+# protoc: etcd-client generates its gRPC code at build time; its protos import
+# google/protobuf/*.proto, which only libprotobuf-dev ships (not a dependency of
+# protobuf-compiler, and recommends are off here).
 # containernetworking-plugins: only for its portmap binary (the fallback for nodes without one).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      protobuf-compiler containernetworking-plugins \
+      protobuf-compiler libprotobuf-dev containernetworking-plugins \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -35,10 +38,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && cp /usr/lib/cni/portmap /out/cni/portmap
 
 FROM debian:${DEBIAN_RELEASE}-slim
-# nft: twilld installs its masquerade/forward rules with `nft -f -`. Nothing else is needed:
+# nft: twilld installs its masquerade rules with `nft -f -`. iptables (iptables-nft,
+# iptables-legacy and their -save tools): where a host's filter FORWARD drops (Docker), the
+# TWILL-FWD accept chain goes into whichever backend holds that drop. Nothing else is needed:
 # links, addresses, routes, neighbours and FDB entries are programmed over netlink.
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nftables \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nftables iptables \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/bin/twilld /usr/local/bin/twilld
 COPY --from=build /out/cni/ /opt/twill/bin/

@@ -26,9 +26,13 @@ pub const PLUGINS: [&str; 4] = [
     "twill-loopback",
 ];
 
-/// Reference plugins the image may carry as a fallback: installed only when the node has none,
-/// never replaced (the node's package manager or another add-on owns them).
-pub const FALLBACK_PLUGINS: [&str; 1] = ["portmap"];
+/// Reference plugins installed only when the node has none, as `(name on the node, file in the
+/// image)`; never replaced (the node's package manager or another add-on owns them).
+/// `loopback`: containerd's CRI attaches a `loopback` network to every sandbox whatever the
+/// conflist says, so a node holding only twill's plugins could not start a pod without it;
+/// `twill-loopback` is a drop-in replacement of the reference plugin.
+pub const FALLBACK_PLUGINS: [(&str, &str); 2] =
+    [("portmap", "portmap"), ("loopback", "twill-loopback")];
 
 const BIN_MODE: u32 = 0o755;
 /// Temp files of ours older than this are leftovers of a crashed run, not a concurrent one.
@@ -84,17 +88,18 @@ pub fn run(args: &InstallCniArgs) -> Result<()> {
         let outcome = install_one(&args.src_dir.join(name), &args.dest_dir, name)?;
         tracing::info!(plugin = name, ?outcome, dest = %args.dest_dir.display(), "install-cni");
     }
-    for name in FALLBACK_PLUGINS {
-        let src = args.src_dir.join(name);
+    for (name, src_name) in FALLBACK_PLUGINS {
+        let src = args.src_dir.join(src_name);
         let dest = args.dest_dir.join(name);
         let outcome = if !src.is_file() {
             Outcome::NotShipped
         } else if fs::symlink_metadata(&dest).is_ok() {
+            // Any entry counts, even a dangling symlink: it is the node's, not ours to replace.
             Outcome::KeptNodeCopy
         } else {
             install_one(&src, &args.dest_dir, name)?
         };
-        tracing::info!(plugin = name, ?outcome, dest = %args.dest_dir.display(), "install-cni");
+        tracing::info!(plugin = name, from = src_name, ?outcome, dest = %args.dest_dir.display(), "install-cni");
     }
     Ok(())
 }
@@ -251,7 +256,21 @@ mod tests {
             fs::read(dest.path().join("portmap")).unwrap(),
             b"node portmap"
         );
+        // No loopback on the node: twill-loopback is installed under that name.
+        assert_eq!(
+            fs::read(dest.path().join("loopback")).unwrap(),
+            b"twill-loopback"
+        );
+        write(&dest.path().join("loopback"), b"node loopback");
+        write(&src.path().join("twill-loopback"), b"new twill-loopback");
 
+        run(&args).unwrap();
+        assert_eq!(
+            fs::read(dest.path().join("loopback")).unwrap(),
+            b"node loopback",
+            "an existing loopback must never be replaced"
+        );
+        write(&src.path().join("twill-loopback"), b"twill-loopback");
         run(&args).unwrap();
         assert_eq!(
             fs::metadata(dest.path().join("twill")).unwrap().ino(),

@@ -286,3 +286,106 @@ fn a_broken_image_fails_without_touching_the_node() {
     assert!(err.contains("twill-loopback"), "stderr: {err}");
     assert_eq!(fs::read_dir(dest.path()).unwrap().count(), 0);
 }
+
+/// Whether `lo` is administratively up inside `ns` (`ip -o link` prints its flags).
+fn lo_is_up(ns: &twill_tests::netns::Netns) -> bool {
+    let line = ns.exec(&["ip", "-o", "link", "show", "dev", "lo"]);
+    let flags = line
+        .split_once('<')
+        .and_then(|(_, rest)| rest.split_once('>'))
+        .map(|(flags, _)| flags.to_string())
+        .unwrap_or_else(|| panic!("no flags in {line:?}"));
+    flags.split(',').any(|f| f == "UP")
+}
+
+#[test]
+fn a_node_without_loopback_gets_twill_loopback_as_loopback() {
+    use twill_tests::cni::{exec, Invocation};
+    use twill_tests::netns::Netns;
+
+    let dest = tempfile::Builder::new()
+        .prefix("twill-cnibin")
+        .tempdir()
+        .unwrap();
+    // The image's real twill-loopback; the other plugins can stay scripts.
+    let src = source_dir("v1", 0);
+    fs::copy(
+        twill_tests::bins::bin("twill-loopback"),
+        src.path().join("twill-loopback"),
+    )
+    .unwrap();
+    install_ok(src.path(), dest.path());
+
+    let loopback = dest.path().join("loopback");
+    let meta = fs::symlink_metadata(&loopback).expect("install-cni must provide loopback");
+    assert!(meta.is_file(), "loopback must be a regular file");
+    assert_eq!(meta.mode() & 0o7777, 0o755);
+    assert_eq!(
+        fs::read(&loopback).unwrap(),
+        fs::read(src.path().join("twill-loopback")).unwrap()
+    );
+
+    // What containerd's go-cni does first: VERSION, then ADD of its loopback network.
+    let conf =
+        serde_json::json!({"cniVersion": "1.0.0", "name": "cni-loopback", "type": "loopback"});
+    let version = exec(None, &loopback, &Invocation::new("VERSION", "", ""), &conf).ok();
+    let supported: Vec<&str> = version["supportedVersions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("VERSION reply: {version}"))
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    for v in ["0.3.1", "0.4.0", "1.0.0"] {
+        assert!(supported.contains(&v), "{v} missing from {supported:?}");
+    }
+
+    let pod = Netns::new("lb");
+    pod.exec(&["ip", "link", "set", "lo", "down"]);
+    assert!(!lo_is_up(&pod));
+    let inv = Invocation::new("ADD", "install-cni-lo", &pod.path()).ifname("lo");
+    let result = exec(None, &loopback, &inv, &conf).ok();
+    assert_eq!(
+        result["interfaces"][0]["name"], "lo",
+        "ADD result: {result}"
+    );
+    assert!(
+        lo_is_up(&pod),
+        "ADD through the installed loopback left lo down"
+    );
+    pod.exec(&["ping", "-c", "1", "-W", "5", "127.0.0.1"]);
+    let inv = Invocation::new("DEL", "install-cni-lo", &pod.path()).ifname("lo");
+    exec(None, &loopback, &inv, &conf).ok();
+    assert!(!lo_is_up(&pod), "DEL must bring lo down again");
+    assert!(
+        temp_leftovers(dest.path()).is_empty(),
+        "{:?}",
+        temp_leftovers(dest.path())
+    );
+}
+
+#[test]
+fn an_existing_loopback_is_never_replaced() {
+    let dest = tempfile::Builder::new()
+        .prefix("twill-cnibin")
+        .tempdir()
+        .unwrap();
+    let src = source_dir("v1", 0);
+    let node_copy = script("node-loopback", 0);
+    write_exec(&dest.path().join("loopback"), &node_copy);
+    let ino = fs::metadata(dest.path().join("loopback")).unwrap().ino();
+    install_ok(src.path(), dest.path());
+    // A newer image (another twill-loopback) still leaves the node's loopback alone.
+    let v2 = source_dir("v2", 0);
+    install_ok(v2.path(), dest.path());
+
+    let after = fs::metadata(dest.path().join("loopback")).unwrap();
+    assert_eq!(fs::read(dest.path().join("loopback")).unwrap(), node_copy);
+    assert_eq!(after.ino(), ino, "the node's loopback was rewritten");
+    let out = Command::new(dest.path().join("loopback")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "node-loopback\n");
+    // twill-loopback itself is still twill's to update.
+    let out = Command::new(dest.path().join("twill-loopback"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "v2-twill-loopback\n");
+}
