@@ -5,6 +5,7 @@
 
 pub mod bins;
 pub mod cni;
+pub mod containerd;
 pub mod deploy;
 pub mod etcd;
 pub mod lab;
