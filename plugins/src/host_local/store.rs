@@ -1,134 +1,57 @@
-//! The reference host-local on-disk store, byte-compatible in both directions:
-//! `<dir>/<ip>` holding `id\r\nifname` (legacy: just `id`), `<dir>/last_reserved_ip.<set>`,
-//! and `<dir>/lock`, the `flock` every host-local (ours or the reference) serializes on.
+//! The seam between host-local's allocator and where reservations live (the reference's
+//! `backend.Store`). A `Store` only hands out its operations through `lock()`: the guard holds
+//! the store's exclusive lock until it is dropped, so one ADD, DEL or GC runs under a single
+//! lock and concurrent plugins on a node serialize on it (for the file store that is the same
+//! `flock` the reference host-local takes, so mixing both plugins on one store stays safe).
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
-use twill_common::cni::error::io_err;
 use twill_common::cni::CniError;
-use twill_common::fsutil::ensure_dir;
 
-const LINE_BREAK: &str = "\r\n";
-const LAST_RESERVED: &str = "last_reserved_ip.";
-
-/// One reservation file.
+/// One reservation: an address held by a container's interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
     pub ip: IpAddr,
     pub container_id: String,
-    /// Empty for legacy id-only files.
+    /// Empty for legacy id-only reservations (written by host-local before ifnames were kept).
     pub ifname: String,
 }
 
-/// The store of one network, locked for as long as this value lives.
-pub struct Store {
-    dir: PathBuf,
-    _lock: Flock<File>,
+/// Where reservations live.
+pub trait Store {
+    type Guard<'a>: LockedStore
+    where
+        Self: 'a;
+
+    /// Takes the exclusive lock (blocking until it is free); released when the guard drops.
+    fn lock(&self) -> Result<Self::Guard<'_>, CniError>;
 }
 
-/// File name of an IP (the reference's Windows `:`→`_` form does not apply on Linux).
-fn file_of(ip: IpAddr) -> String {
-    ip.to_string()
-}
-
-impl Store {
-    /// Opens (creating, 0700) `dir` and takes the exclusive lock on `dir/lock`.
-    pub fn open(dir: &Path) -> Result<Store, CniError> {
-        ensure_dir(dir, 0o700).map_err(io_err(format!("create {}", dir.display())))?;
-        let lock_path = dir.join("lock");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_err(format!("open {}", lock_path.display())))?;
-        let lock = Flock::lock(f, FlockArg::LockExclusive)
-            .map_err(|(_, e)| CniError::internal(format!("flock {}: {e}", lock_path.display())))?;
-        Ok(Store {
-            dir: dir.to_path_buf(),
-            _lock: lock,
-        })
-    }
-
-    /// Creates the reservation file; `false` when the address is taken.
-    pub fn reserve(
-        &self,
+/// What may be done with a store while holding its lock.
+pub trait LockedStore {
+    /// Reserves `ip` for `(id, ifname)` and records it as range set `set_idx`'s last
+    /// reservation; `false` when the address is already taken.
+    fn reserve(
+        &mut self,
         ip: IpAddr,
         id: &str,
         ifname: &str,
         set_idx: usize,
-    ) -> Result<bool, CniError> {
-        let path = self.dir.join(file_of(ip));
-        let mut f = match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(false),
-            Err(e) => return Err(io_err(format!("create {}", path.display()))(e)),
-        };
-        let body = format!("{}{LINE_BREAK}{ifname}", id.trim());
-        if let Err(e) = f.write_all(body.as_bytes()) {
-            let _ = fs::remove_file(&path);
-            return Err(io_err(format!("write {}", path.display()))(e));
-        }
-        let last = self.dir.join(format!("{LAST_RESERVED}{set_idx}"));
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&last)
-            .and_then(|mut f| f.write_all(ip.to_string().as_bytes()))
-            .map_err(io_err(format!("write {}", last.display())))?;
-        Ok(true)
-    }
+    ) -> Result<bool, CniError>;
 
-    pub fn last_reserved(&self, set_idx: usize) -> Option<IpAddr> {
-        fs::read_to_string(self.dir.join(format!("{LAST_RESERVED}{set_idx}")))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
+    /// The last address reserved from range set `set_idx`, if one is recorded and readable
+    /// (losing it only costs round-robin its starting point, as in the reference).
+    fn last_reserved(&self, set_idx: usize) -> Option<IpAddr>;
 
-    /// Every reservation file (skipping `lock`, `last_reserved_ip.*` and anything not named as an IP).
-    pub fn list(&self) -> Result<Vec<Reservation>, CniError> {
-        let rd = fs::read_dir(&self.dir).map_err(io_err(format!("read {}", self.dir.display())))?;
-        let mut out = Vec::new();
-        for ent in rd.flatten() {
-            let name = ent.file_name();
-            let Some(ip) = name.to_str().and_then(|n| n.parse::<IpAddr>().ok()) else {
-                continue;
-            };
-            let Ok(data) = fs::read_to_string(ent.path()) else {
-                continue;
-            };
-            let data = data.trim();
-            let (id, ifname) = match data.split_once(LINE_BREAK) {
-                Some((id, ifn)) => (id.trim(), ifn.trim()),
-                None => (data, ""),
-            };
-            out.push(Reservation {
-                ip,
-                container_id: id.to_string(),
-                ifname: ifname.to_string(),
-            });
-        }
-        Ok(out)
-    }
+    /// Every reservation, ordered by address.
+    fn list(&self) -> Result<Vec<Reservation>, CniError>;
 
-    /// The reservations of `(id, ifname)`, with the legacy id-only fallback of the reference.
-    pub fn find(&self, id: &str, ifname: &str) -> Result<Vec<Reservation>, CniError> {
+    /// Releases one address; releasing a free address is fine.
+    fn release_ip(&mut self, ip: IpAddr) -> Result<(), CniError>;
+
+    /// The reservations of `(id, ifname)`; when there are none, the legacy id-only ones of
+    /// `id` (the reference's fallback, so attachments made by old versions are still found).
+    fn find(&self, id: &str, ifname: &str) -> Result<Vec<Reservation>, CniError> {
         let all = self.list()?;
         let id = id.trim();
         let exact: Vec<Reservation> = all
@@ -145,20 +68,25 @@ impl Store {
             .collect())
     }
 
-    /// Removes one reservation file; a missing file is fine.
-    pub fn release_ip(&self, ip: IpAddr) -> Result<(), CniError> {
-        match fs::remove_file(self.dir.join(file_of(ip))) {
-            Err(e) if e.kind() != ErrorKind::NotFound => Err(io_err(format!("release {ip}"))(e)),
-            _ => Ok(()),
-        }
-    }
-
-    /// Releases every reservation of `(id, ifname)`; returns how many.
-    pub fn release_by_id(&self, id: &str, ifname: &str) -> Result<usize, CniError> {
+    /// Releases every reservation `find` returns; how many there were.
+    fn release_by_id(&mut self, id: &str, ifname: &str) -> Result<usize, CniError> {
         let found = self.find(id, ifname)?;
         for r in &found {
             self.release_ip(r.ip)?;
         }
         Ok(found.len())
+    }
+}
+
+/// A shared store is a store: several allocators (or threads) over one store serialize on
+/// its lock.
+impl<S: Store + ?Sized> Store for &S {
+    type Guard<'a>
+        = S::Guard<'a>
+    where
+        Self: 'a;
+
+    fn lock(&self) -> Result<Self::Guard<'_>, CniError> {
+        (**self).lock()
     }
 }

@@ -7,7 +7,8 @@ use twill_common::cni::{CniError, Request};
 use twill_common::netns;
 
 use crate::host_local::config::DEFAULT_DATA_DIR;
-use crate::host_local::store::Store;
+use crate::host_local::file_store::FileStore;
+use crate::host_local::store::{LockedStore, Store};
 
 use super::render::DEFAULT_IPAM;
 
@@ -54,7 +55,8 @@ pub fn attachment_gone(req: &Request) -> Result<Gone, CniError> {
         return Ok(Gone::Yes);
     }
     let id = req.env.container_id.trim();
-    let held: Vec<String> = Store::open(&dir)?
+    let held: Vec<String> = FileStore::new(&dir)
+        .lock()?
         .list()?
         .into_iter()
         .filter(|r| r.container_id == id)
