@@ -4,7 +4,10 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use ipnetwork::Ipv4Network;
+
+use crate::backend_type::BackendType;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,10 +30,10 @@ pub enum Command {
     /// (the DaemonSet's init container).
     InstallCni(crate::install_cni::InstallCniArgs),
     /// Store the network config (`<prefix>/config`) in etcd unless an equal one is there.
-    InitNetwork(crate::init_network::InitNetworkArgs),
+    InitNetwork(InitNetworkArgs),
     /// Check this node's prerequisites (kernel, firewall, CNI, etcd, lease, MTU, clock);
     /// exit 0 all ok, 1 warnings, 2 failures.
-    Doctor(crate::doctor::DoctorArgs),
+    Doctor(DoctorArgs),
 }
 
 /// How to reach etcd; shared by the daemon and `init-network`.
@@ -64,6 +67,21 @@ pub struct EtcdArgs {
     pub etcd_username: Option<String>,
     #[arg(long, env = "TWILLD_ETCD_PASSWORD", hide_env_values = true)]
     pub etcd_password: Option<String>,
+}
+
+impl EtcdArgs {
+    /// The plain config the etcd clients take.
+    pub fn config(&self) -> crate::etcd_store::EtcdConfig {
+        crate::etcd_store::EtcdConfig {
+            endpoints: self.etcd_endpoints.clone(),
+            prefix: self.etcd_prefix.clone(),
+            cafile: self.etcd_cafile.clone(),
+            certfile: self.etcd_certfile.clone(),
+            keyfile: self.etcd_keyfile.clone(),
+            username: self.etcd_username.clone(),
+            password: self.etcd_password.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -120,4 +138,37 @@ pub struct RunArgs {
     /// Seconds between reconcile passes (kernel entries against leases, rules, CNI config).
     #[arg(long, env = "TWILLD_RECONCILE_INTERVAL", default_value_t = 10)]
     pub reconcile_interval: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(group(ArgGroup::new("source").required(true).args(["network", "config_file"])))]
+pub struct InitNetworkArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Pod network (IPv4 CIDR, at least a /28); kubeadm's --pod-network-cidr.
+    #[arg(long, env = "TWILLD_NETWORK")]
+    pub network: Option<Ipv4Network>,
+    /// Overlay backend.
+    #[arg(long, env = "TWILLD_BACKEND", value_enum, default_value_t = BackendType::Vxlan)]
+    pub backend: BackendType,
+    /// Prefix length of each node's subnet (default: flannel's, 24 for networks up to /22).
+    #[arg(long, env = "TWILLD_SUBNET_LEN")]
+    pub subnet_len: Option<u8>,
+    /// Store this flannel net-conf.json instead of one built from --network/--backend.
+    #[arg(long, env = "TWILLD_CONFIG_FILE", conflicts_with_all = ["network", "backend", "subnet_len"])]
+    pub config_file: Option<PathBuf>,
+    /// Replace an existing, different config (nodes keep their leases only if they still fit).
+    #[arg(long, env = "TWILLD_FORCE")]
+    pub force: bool,
+}
+
+/// `twilld doctor [--json] <the daemon's flags>`: the same etcd flags, paths and interface
+/// selection as the daemon, so the DaemonSet's environment works unchanged.
+#[derive(Debug, Clone, Args)]
+pub struct DoctorArgs {
+    /// Print a JSON array of {check, status, message, fix} instead of text lines.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
 }

@@ -35,12 +35,12 @@ use crate::guard;
 use crate::host::{self, Host, NodeHost};
 use crate::lease::{Lease, LeaseAttrs};
 use crate::metrics::Metrics;
-use crate::netlink::Netlink;
 use crate::own_lease::{self, Verdict};
 use crate::readiness::{Part, Readiness};
 use crate::rules::{NftRules, Rules};
 use crate::store::{LeaseEvent, StoreUpdate, SubnetStore};
 use crate::{health, iface};
+use twill_common::netlink::Netlink;
 
 /// Lost create races tolerated in a row before giving up (flanneld gives up after the first).
 const RACE_RETRIES: u32 = 10;
@@ -76,7 +76,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         )
         .await?;
     }
-    let store = EtcdStore::connect_retry(&args.etcd).await?;
+    let store = EtcdStore::connect_retry(&args.etcd.config()).await?;
     let nl = Netlink::open()?;
     let cfg = wait_config(&store).await;
     info!(network = %cfg.network, subnet_len = cfg.subnet_len, backend = %cfg.backend.backend_type(), "network config loaded");

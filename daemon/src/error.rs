@@ -13,7 +13,7 @@ pub enum Error {
     #[error("lost the race for subnets {0} times in a row")]
     RaceRetriesExhausted(u32),
     #[error("netlink: {0}")]
-    Netlink(#[from] rtnetlink::Error),
+    Netlink(#[from] twill_common::netlink::NlError),
     #[error("{what}: {source}")]
     Io {
         what: String,

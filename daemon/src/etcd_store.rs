@@ -14,7 +14,6 @@ use ipnetwork::Ipv4Network;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::cli::EtcdArgs;
 use crate::error::{Error, Result};
 use crate::lease::{parse_subnet_key, subnet_key, Lease, LeaseAttrs};
 use crate::metrics::Metrics;
@@ -34,18 +33,54 @@ pub struct EtcdStore {
     prefix: String,
 }
 
+/// How to reach etcd: endpoints, key prefix, TLS files and basic auth. Built from the command
+/// line in `cli.rs`; the store, init-network and doctor take this, not clap types.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub cafile: Option<std::path::PathBuf>,
+    pub certfile: Option<std::path::PathBuf>,
+    pub keyfile: Option<std::path::PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl EtcdConfig {
+    /// TLS when a client certificate is given or any endpoint is https.
+    pub fn uses_tls(&self) -> bool {
+        (self.certfile.is_some() && self.keyfile.is_some())
+            || self.endpoints.iter().any(|e| e.starts_with("https://"))
+    }
+
+    /// The endpoints as dialled: all https:// when TLS is used.
+    pub fn effective_endpoints(&self) -> Vec<String> {
+        let tls = self.uses_tls();
+        self.endpoints
+            .iter()
+            .map(|e| {
+                if tls {
+                    e.replacen("http://", "https://", 1)
+                } else {
+                    e.clone()
+                }
+            })
+            .collect()
+    }
+}
+
 fn read(path: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(Error::io(format!("read {}", path.display())))
 }
 
 /// Connection options from the flags: TLS when certfile+keyfile are given (or an endpoint is
 /// https), the CA from cafile; basic auth from username/password.
-pub(crate) fn connect_options(args: &EtcdArgs) -> Result<(Vec<String>, ConnectOptions)> {
+pub(crate) fn connect_options(args: &EtcdConfig) -> Result<(Vec<String>, ConnectOptions)> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(true);
-    let client_cert = match (&args.etcd_certfile, &args.etcd_keyfile) {
+    let client_cert = match (&args.certfile, &args.keyfile) {
         (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
         (None, None) => None,
         _ => {
@@ -54,25 +89,11 @@ pub(crate) fn connect_options(args: &EtcdArgs) -> Result<(Vec<String>, ConnectOp
             ))
         }
     };
-    let any_https = args
-        .etcd_endpoints
-        .iter()
-        .any(|e| e.starts_with("https://"));
-    let tls = client_cert.is_some() || any_https;
-    let endpoints: Vec<String> = args
-        .etcd_endpoints
-        .iter()
-        .map(|e| {
-            if tls {
-                e.replacen("http://", "https://", 1)
-            } else {
-                e.clone()
-            }
-        })
-        .collect();
+    let tls = args.uses_tls();
+    let endpoints = args.effective_endpoints();
     if tls {
         let mut t = TlsOptions::new();
-        if let Some(ca) = &args.etcd_cafile {
+        if let Some(ca) = &args.cafile {
             t = t.ca_certificate(Certificate::from_pem(read(ca)?));
         }
         if let Some((cert, key)) = client_cert {
@@ -82,7 +103,7 @@ pub(crate) fn connect_options(args: &EtcdArgs) -> Result<(Vec<String>, ConnectOp
     } else {
         warn!("etcd: no client certificate given, talking plain HTTP");
     }
-    if let (Some(u), Some(p)) = (&args.etcd_username, &args.etcd_password) {
+    if let (Some(u), Some(p)) = (&args.username, &args.password) {
         opts = opts.with_user(u.clone(), p.clone());
     }
     Ok((endpoints, opts))
@@ -90,24 +111,24 @@ pub(crate) fn connect_options(args: &EtcdArgs) -> Result<(Vec<String>, ConnectOp
 
 impl EtcdStore {
     /// Connects once; the caller retries.
-    pub async fn connect(args: &EtcdArgs) -> Result<EtcdStore> {
+    pub async fn connect(args: &EtcdConfig) -> Result<EtcdStore> {
         let (endpoints, opts) = connect_options(args)?;
         let client = Client::connect(endpoints, Some(opts)).await?;
         Ok(EtcdStore {
             client,
-            prefix: args.etcd_prefix.trim_end_matches('/').to_string(),
+            prefix: args.prefix.trim_end_matches('/').to_string(),
         })
     }
 
     /// Connects, retrying with capped backoff and a log line per failure.
-    pub async fn connect_retry(args: &EtcdArgs) -> Result<EtcdStore> {
+    pub async fn connect_retry(args: &EtcdConfig) -> Result<EtcdStore> {
         let mut backoff = BACKOFF_MIN;
         loop {
             match EtcdStore::connect(args).await {
                 Ok(s) => return Ok(s),
                 Err(e @ (Error::Config(_) | Error::Io { .. })) => return Err(e),
                 Err(e) => {
-                    warn!(endpoints = ?args.etcd_endpoints, "cannot connect to etcd: {e}; retrying in {backoff:?}");
+                    warn!(endpoints = ?args.endpoints, "cannot connect to etcd: {e}; retrying in {backoff:?}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }

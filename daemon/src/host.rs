@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 
 use crate::error::{Error, Result};
-use crate::netlink::Netlink;
+use twill_common::netlink::Netlink;
 
 pub trait Host: Send {
     /// Every IPv4 address of the node with its prefix length and link index.
@@ -26,7 +26,7 @@ const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 impl Host for NodeHost {
     async fn addresses(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>> {
-        self.nl.v4_addresses().await
+        Ok(self.nl.v4_addresses().await?)
     }
 
     fn ensure_ip_forward(&self) -> Result<bool> {

@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use crate::error::{Error, Result};
-use crate::netlink::Netlink;
+use twill_common::netlink::Netlink;
 
 /// The underlay interface twilld sends encapsulated or routed traffic through.
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ pub async fn detect(
             }
             Err(_) => {
                 let link = nl
-                    .link_by_name(s)
+                    .link(s)
                     .await?
                     .ok_or_else(|| Error::Iface(format!("interface {s:?} not found")))?;
                 (link.index, None)
@@ -53,7 +53,7 @@ pub async fn detect(
         ),
     };
     let link = nl
-        .link_by_index(index)
+        .link(index)
         .await?
         .ok_or_else(|| Error::Iface(format!("interface #{index} vanished")))?;
     let own: Vec<(Ipv4Addr, u8)> = addrs

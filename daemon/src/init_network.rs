@@ -2,40 +2,16 @@
 //! etcd once. An etcd transaction on the key's absence makes concurrent runs safe: exactly one
 //! creates the key; the others find it and succeed only if it says the same.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgGroup, Args};
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
 use ipnetwork::Ipv4Network;
 use serde_json::{Map, Value};
 
-use crate::backend_type::BackendType;
-use crate::cli::EtcdArgs;
+use crate::cli::InitNetworkArgs;
 use crate::config::NetworkConfig;
 use crate::error::{Error, Result};
-
-#[derive(Debug, Clone, Args)]
-#[command(group(ArgGroup::new("source").required(true).args(["network", "config_file"])))]
-pub struct InitNetworkArgs {
-    #[command(flatten)]
-    pub etcd: EtcdArgs,
-    /// Pod network (IPv4 CIDR, at least a /28); kubeadm's --pod-network-cidr.
-    #[arg(long, env = "TWILLD_NETWORK")]
-    pub network: Option<Ipv4Network>,
-    /// Overlay backend.
-    #[arg(long, env = "TWILLD_BACKEND", value_enum, default_value_t = BackendType::Vxlan)]
-    pub backend: BackendType,
-    /// Prefix length of each node's subnet (default: flannel's, 24 for networks up to /22).
-    #[arg(long, env = "TWILLD_SUBNET_LEN")]
-    pub subnet_len: Option<u8>,
-    /// Store this flannel net-conf.json instead of one built from --network/--backend.
-    #[arg(long, env = "TWILLD_CONFIG_FILE", conflicts_with_all = ["network", "backend", "subnet_len"])]
-    pub config_file: Option<PathBuf>,
-    /// Replace an existing, different config (nodes keep their leases only if they still fit).
-    #[arg(long, env = "TWILLD_FORCE")]
-    pub force: bool,
-}
+use crate::etcd_store::EtcdConfig;
 
 /// What `init-network` found or did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,9 +34,10 @@ pub async fn run(args: &InitNetworkArgs) -> Result<Outcome> {
     };
     let wanted = NetworkConfig::parse(&wanted_text)?;
     reject_host_bits(&wanted_text)?;
-    let key = format!("{}/config", args.etcd.etcd_prefix.trim_end_matches('/'));
+    let etcd = args.etcd.config();
+    let key = format!("{}/config", etcd.prefix.trim_end_matches('/'));
 
-    let mut client = connect(&args.etcd).await?;
+    let mut client = connect(&etcd).await?;
     let txn = Txn::new()
         .when(vec![Compare::create_revision(
             key.as_str(),
@@ -153,7 +130,7 @@ fn reject_host_bits(text: &str) -> Result<()> {
 
 /// Connects with the daemon's etcd options (TLS, client certificate, auth), bounding each
 /// request so a hung etcd fails the Job instead of stalling it.
-async fn connect(e: &EtcdArgs) -> Result<Client> {
+async fn connect(e: &EtcdConfig) -> Result<Client> {
     let (endpoints, opts) = crate::etcd_store::connect_options(e)?;
     Ok(Client::connect(endpoints, Some(opts.with_timeout(Duration::from_secs(10)))).await?)
 }

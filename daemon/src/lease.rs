@@ -1,7 +1,6 @@
 //! Subnet leases in flannel's schema: key `<prefix>/subnets/<a.b.c.d>-<len>`, value
 //! `{"PublicIP":..,"PublicIPv6":null,"BackendType":..,"BackendData":{"VNI":..,"VtepMAC":..}}`.
 
-use std::fmt;
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
@@ -9,41 +8,8 @@ use serde_json::{json, Map, Value};
 
 use crate::backend_type::BackendType;
 
-/// A 48-bit MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Mac(pub [u8; 6]);
-
-impl fmt::Display for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&twill_common::netlink::format_mac(&self.0))
-    }
-}
-
-impl std::str::FromStr for Mac {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Mac, ()> {
-        let mut out = [0u8; 6];
-        let mut parts = s.trim().split(':');
-        for b in out.iter_mut() {
-            let p = parts.next().ok_or(())?;
-            if p.is_empty() || p.len() > 2 {
-                return Err(());
-            }
-            *b = u8::from_str_radix(p, 16).map_err(|_| ())?;
-        }
-        if parts.next().is_some() {
-            return Err(());
-        }
-        Ok(Mac(out))
-    }
-}
-
-impl Mac {
-    /// A random locally administered unicast MAC (flannel's `pkg/mac`).
-    pub fn random() -> Mac {
-        Mac(twill_common::netlink::random_mac())
-    }
-}
+/// VtepMACs are the netlink layer's one MAC type.
+pub use twill_common::netlink::Mac;
 
 /// The lease value. `backend_data` is kept raw so foreign backends round-trip.
 #[derive(Debug, Clone, PartialEq)]

@@ -20,7 +20,6 @@ mod install_cni;
 mod iptables;
 mod lease;
 mod metrics;
-mod netlink;
 mod offload;
 mod own_lease;
 mod readiness;

@@ -1,5 +1,17 @@
-//! rtnetlink plumbing: a current-thread runtime with one socket in the caller's namespace
-//! and (optionally) one inside another namespace, plus errno helpers and link lookups.
+//! twill's one netlink layer: sockets per namespace on short-lived threads (this file), one
+//! error type ([`NlError`]), links by name or index ([`LinkId`], [`link_get`]), one [`Mac`]
+//! type, and the typed operations twilld's backends use ([`Netlink`]). The CNI plugins turn
+//! [`NlError`] into a CNI error at their boundary.
+
+pub mod error;
+pub mod link;
+pub mod mac;
+pub mod ops;
+
+pub use error::{errno, NlError};
+pub use link::{link_get, LinkId, LinkSummary};
+pub use mac::{format_mac, BadMac, Mac};
+pub use ops::{NeighEntry, Netlink, RouteEntry, TWILL_ROUTE_PROTO};
 
 use std::fs::File;
 use std::future::Future;
@@ -12,14 +24,6 @@ use rtnetlink::Handle;
 
 use crate::cni::CniError;
 use crate::netns;
-
-/// The negative-errno of a netlink error reply, as a positive errno.
-pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()).filter(|c| *c != 0),
-        _ => None,
-    }
-}
 
 pub fn is_exists(e: &rtnetlink::Error) -> bool {
     errno(e) == Some(libc::EEXIST)
@@ -165,35 +169,14 @@ pub fn mac_of(m: &LinkMessage) -> String {
         .unwrap_or_default()
 }
 
-pub fn format_mac(b: &[u8]) -> String {
-    b.iter()
-        .map(|x| format!("{x:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// A random locally administered unicast MAC.
+/// A random locally administered unicast MAC, as bytes.
 pub fn random_mac() -> [u8; 6] {
-    // rand's thread RNG is seeded from the OS and panics rather than hand out zeros: a silent
-    // all-zero MAC would give every VTEP and bridge the same address.
-    let mut b: [u8; 6] = rand::random();
-    b[0] = (b[0] & 0xfe) | 0x02;
-    b
+    Mac::random().0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mac_helpers() {
-        let m = random_mac();
-        assert_eq!(m[0] & 0x03, 0x02, "local, unicast");
-        let many: std::collections::HashSet<[u8; 6]> = (0..64).map(|_| random_mac()).collect();
-        assert_eq!(many.len(), 64, "random MACs repeat");
-        assert!(many.iter().all(|m| m[1..] != [0; 5]), "zero MAC");
-        assert_eq!(format_mac(&[0, 0x1a, 0xff, 1, 2, 3]), "00:1a:ff:01:02:03");
-    }
 
     #[test]
     fn loopback_lookup_in_own_namespace() {

@@ -23,8 +23,8 @@ use crate::config::{BackendConfig, VxlanConfig};
 use crate::error::{Error, Result};
 use crate::iface::Underlay;
 use crate::lease::{Lease, LeaseAttrs, Mac};
-use crate::netlink::{Netlink, TWILL_ROUTE_PROTO};
 use crate::offload::OffloadMode;
+use twill_common::netlink::{Netlink, NlError, TWILL_ROUTE_PROTO};
 
 /// In-flight netlink requests while bulk-programming (one socket, pipelined).
 const PARALLEL: usize = 128;
@@ -42,11 +42,12 @@ pub struct RoutedBackend {
 
 /// Runs `f` over `items` with bounded concurrency; returns the items whose operation failed,
 /// with the error.
-async fn run_all<T, F, Fut>(items: Vec<T>, f: F) -> Vec<(T, String)>
+async fn run_all<T, E, F, Fut>(items: Vec<T>, f: F) -> Vec<(T, String)>
 where
     T: Copy,
+    E: std::fmt::Display,
     F: Fn(T) -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
+    Fut: std::future::Future<Output = Result<(), E>>,
 {
     futures::stream::iter(items.into_iter().map(|t| {
         let fut = f(t);
@@ -175,7 +176,7 @@ impl RoutedBackend {
     /// Creates or adopts the vxlan device; returns true when it was created.
     async fn ensure_device(&mut self, cfg: &VxlanConfig) -> Result<bool> {
         let name = RoutedBackend::dev_name(cfg.vni);
-        if let Some(link) = self.nl.link_by_name(&name).await? {
+        if let Some(link) = self.nl.link(&name).await? {
             if link.kind == Some(InfoKind::Vxlan) && self.vxlan_compatible(cfg, &link.vxlan) {
                 self.dev_index = link.index;
                 if let Some(mac) = link.mac {
@@ -217,12 +218,12 @@ impl RoutedBackend {
             .build();
         match self.nl.add_link(msg).await {
             Ok(()) => {}
-            Err(e) if twill_common::netlink::is_exists(&e) => {}
+            Err(e) if e.is_exists() => {}
             Err(e) => return Err(e.into()),
         }
         let link = self
             .nl
-            .link_by_name(&name)
+            .link(&name)
             .await?
             .ok_or_else(|| Error::Backend(format!("{name} vanished right after creation")))?;
         self.dev_index = link.index;
@@ -253,7 +254,7 @@ impl RoutedBackend {
         if first {
             match self.nl.route_add(dst, gw, oif, onlink).await {
                 Ok(()) => return Ok(()),
-                Err(e) if twill_common::netlink::is_exists(&e) => {}
+                Err(e) if e.is_exists() => {}
                 Err(e) => return Err(e.into()),
             }
             let foreign = self
@@ -268,11 +269,11 @@ impl RoutedBackend {
                 )));
             }
         }
-        self.nl.route_replace(dst, gw, oif, onlink).await
+        Ok(self.nl.route_replace(dst, gw, oif, onlink).await?)
     }
 
     /// A route twill manages: on its VTEP, or on the underlay with twill's protocol number.
-    fn owns(&self, r: &crate::netlink::RouteEntry) -> bool {
+    fn owns(&self, r: &twill_common::netlink::RouteEntry) -> bool {
         (self.dev_index != 0 && r.oif == Some(self.dev_index))
             || (r.oif == Some(self.underlay.index)
                 && r.protocol == RouteProtocol::Other(TWILL_ROUTE_PROTO))
@@ -285,7 +286,7 @@ impl RoutedBackend {
                 nl.neigh_replace(self.dev_index, gw, mac).await?;
                 if let Err(e) = nl.fdb_replace(self.dev_index, mac, public).await {
                     let _ = nl.neigh_del(Netlink::neigh_msg(self.dev_index, gw)).await;
-                    return Err(e);
+                    return Err(e.into());
                 }
                 if let Err(e) = self
                     .set_route(subnet, gw, self.dev_index, true, old.is_none())
@@ -331,7 +332,7 @@ impl RoutedBackend {
     async fn unprogram(&self, subnet: Ipv4Network, path: Path) -> Result<()> {
         let nl = &self.nl;
         let mut first_err = None;
-        let mut note = |r: Result<()>| {
+        let mut note = |r: Result<(), NlError>| {
             if let Err(e) = r {
                 first_err.get_or_insert(e);
             }
@@ -347,7 +348,7 @@ impl RoutedBackend {
             }
             Path::Direct { .. } => note(nl.route_del_dst(subnet, self.underlay.index).await),
         }
-        first_err.map_or(Ok(()), Err)
+        first_err.map_or(Ok(()), |e| Err(e.into()))
     }
 }
 
@@ -396,7 +397,7 @@ impl Backend for RoutedBackend {
             .await?;
         let link = self
             .nl
-            .link_by_index(self.dev_index)
+            .link(self.dev_index)
             .await?
             .ok_or_else(|| Error::Backend("vxlan device vanished".into()))?;
         if link.mtu != self.mtu() {
@@ -408,13 +409,13 @@ impl Backend for RoutedBackend {
         // Bringing a link up can let udev rewrite its MAC; the lease advertises ours.
         let link = self
             .nl
-            .link_by_index(self.dev_index)
+            .link(self.dev_index)
             .await?
             .ok_or_else(|| Error::Backend("vxlan device vanished".into()))?;
         if link.mac != self.mac {
             if let Some(want) = self.mac {
                 self.nl.set_mac(self.dev_index, want).await?;
-                let again = self.nl.link_by_index(self.dev_index).await?;
+                let again = self.nl.link(self.dev_index).await?;
                 if again.and_then(|l| l.mac) != Some(want) {
                     return Err(Error::Backend(format!(
                         "{} MAC is not the advertised {want}",
@@ -591,7 +592,7 @@ impl Backend for RoutedBackend {
     }
 }
 
-fn kneigh(n: &crate::netlink::NeighEntry) -> KNeigh {
+fn kneigh(n: &twill_common::netlink::NeighEntry) -> KNeigh {
     KNeigh {
         ip: n.ip,
         mac: n.mac,

@@ -12,7 +12,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use super::Finding;
-use crate::cli::EtcdArgs;
+use crate::etcd_store::EtcdConfig;
 
 /// Skew above this is reported: certificates and lease expiry read in logs stop lining up.
 const WARN_SKEW: Duration = Duration::from_secs(5);
@@ -107,9 +107,9 @@ fn split_url(url: &str) -> Result<(bool, String, String), String> {
     Ok((tls, host, authority))
 }
 
-fn tls_config(args: &EtcdArgs) -> Result<rustls::ClientConfig, String> {
+fn tls_config(args: &EtcdConfig) -> Result<rustls::ClientConfig, String> {
     let ca = args
-        .etcd_cafile
+        .cafile
         .as_ref()
         .ok_or("https without --etcd-cafile: cannot verify etcd's certificate")?;
     let mut roots = rustls::RootCertStore::empty();
@@ -124,7 +124,7 @@ fn tls_config(args: &EtcdArgs) -> Result<rustls::ClientConfig, String> {
     .with_safe_default_protocol_versions()
     .map_err(|e| e.to_string())?
     .with_root_certificates(roots);
-    match (&args.etcd_certfile, &args.etcd_keyfile) {
+    match (&args.certfile, &args.keyfile) {
         (Some(c), Some(k)) => {
             let certs = CertificateDer::pem_file_iter(c)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -164,7 +164,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// One sample against `url` (the endpoint as twilld uses it).
-pub async fn sample(url: &str, args: &EtcdArgs) -> Result<ClockSample, String> {
+pub async fn sample(url: &str, args: &EtcdConfig) -> Result<ClockSample, String> {
     let (tls, host, authority) = split_url(url)?;
     let work = async {
         let tcp = TcpStream::connect(authority.as_str())

@@ -18,14 +18,14 @@ use super::firewall::{self, NftChain};
 use super::kernel::{self, ModuleFacts, OffloadFacts};
 use super::net::{self, Vtep};
 use super::{clock, Finding};
-use crate::cli::{EtcdArgs, RunArgs};
+use crate::cli::RunArgs;
 use crate::config::BackendConfig;
-use crate::etcd_store::EtcdStore;
+use crate::etcd_store::{EtcdConfig, EtcdStore};
 use crate::forward;
 use crate::iptables::{Backend, Filter};
-use crate::netlink::Netlink;
 use crate::offload::KernelVersion;
 use crate::store::SubnetStore;
+use twill_common::netlink::Netlink;
 
 const ETCD_LIMIT: Duration = Duration::from_secs(10);
 
@@ -90,35 +90,12 @@ fn chain(e: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
-/// The endpoints as twilld uses them: TLS (and https://) when a client certificate is given
-/// or any endpoint is https (as `etcd_store::connect_options` decides).
-fn effective_endpoints(args: &EtcdArgs) -> (Vec<String>, bool) {
-    let tls = (args.etcd_certfile.is_some() && args.etcd_keyfile.is_some())
-        || args
-            .etcd_endpoints
-            .iter()
-            .any(|e| e.starts_with("https://"));
-    let eps = args
-        .etcd_endpoints
-        .iter()
-        .map(|e| {
-            if tls {
-                e.replacen("http://", "https://", 1)
-            } else {
-                e.clone()
-            }
-        })
-        .collect();
-    (eps, tls)
-}
-
-async fn etcd_facts(args: &EtcdArgs) -> EtcdFacts {
-    let (endpoints, tls) = effective_endpoints(args);
+async fn etcd_facts(args: &EtcdConfig) -> EtcdFacts {
     let mut f = EtcdFacts {
-        endpoints,
-        prefix: args.etcd_prefix.trim_end_matches('/').to_string(),
-        tls,
-        user: args.etcd_username.clone(),
+        endpoints: args.effective_endpoints(),
+        prefix: args.prefix.trim_end_matches('/').to_string(),
+        tls: args.uses_tls(),
+        user: args.username.clone(),
         config: Err("not asked".into()),
         leases: Err("not asked".into()),
         direct: None,
@@ -189,7 +166,7 @@ fn env_facts(path: &Path) -> EnvFacts {
     }
 }
 
-fn vtep_of(link: &crate::netlink::LinkInfoSummary) -> Vtep {
+fn vtep_of(link: &twill_common::netlink::LinkSummary) -> Vtep {
     Vtep {
         name: link.name.clone(),
         is_vxlan: link.kind == Some(InfoKind::Vxlan),
@@ -207,10 +184,11 @@ pub async fn run_checks(args: &RunArgs) -> Vec<Finding> {
     let release = read("/proc/sys/kernel/osrelease").map(|r| r.trim().to_string());
 
     // Facts from etcd come first: the backend decides what the kernel checks require.
-    let mut ef = etcd_facts(&args.etcd).await;
+    let etcd = args.etcd.config();
+    let mut ef = etcd_facts(&etcd).await;
     // The clock sample is also the direct request that explains a failed TLS connection.
     let first = ef.endpoints.first().cloned().unwrap_or_default();
-    let sample = clock::sample(&first, &args.etcd).await;
+    let sample = clock::sample(&first, &etcd).await;
     if ef.config.is_err() {
         ef.direct = sample.as_ref().err().cloned();
     }
@@ -278,12 +256,7 @@ pub async fn run_checks(args: &RunArgs) -> Vec<Finding> {
     };
     let vtep_name = vxlan.as_ref().map(|v| format!("twill.{}", v.vni));
     let vtep = match (&nl, &vtep_name) {
-        (Ok(nl), Some(name)) => nl
-            .link_by_name(name)
-            .await
-            .ok()
-            .flatten()
-            .map(|l| vtep_of(&l)),
+        (Ok(nl), Some(name)) => nl.link(name).await.ok().flatten().map(|l| vtep_of(&l)),
         _ => None,
     };
     let bind = match &cfg {

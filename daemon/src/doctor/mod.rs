@@ -16,21 +16,9 @@ mod net;
 
 use std::process::ExitCode;
 
-use clap::Args;
 use serde::Serialize;
 
-use crate::cli::RunArgs;
-
-/// `twilld doctor [--json] <the daemon's flags>`: the same etcd flags, paths and interface
-/// selection as the daemon, so the DaemonSet's environment works unchanged.
-#[derive(Debug, Clone, Args)]
-pub struct DoctorArgs {
-    /// Print a JSON array of {check, status, message, fix} instead of text lines.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub run: RunArgs,
-}
+use crate::cli::DoctorArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
