@@ -935,3 +935,59 @@ fn health_server_listens_on_loopback_by_default() {
     let out = twill_tests::sh::output_in(ul.ns_name(), &["curl", "-s", "--max-time", "3", &url]);
     assert!(!out.status.success(), "reachable from the underlay");
 }
+
+/// Issue 9 item 13: an etcd lease granted for a create whose transaction then fails was leaked
+/// for its whole TTL, once per retry. A user that may read the prefix but not write it gets
+/// its grants (no permission needed) and fails every create txn (permission denied): after
+/// several retries no lease may be left.
+#[test]
+fn a_failed_create_txn_leaks_no_etcd_lease() {
+    let (ul, etcd) = setup(CONFIG);
+    let root = ["--user=root:s3cret"];
+    etcd.etcdctl(&[
+        "user",
+        "add",
+        "root",
+        "--new-user-password=s3cret",
+        "--interactive=false",
+    ]);
+    etcd.etcdctl(&[
+        "user",
+        "add",
+        "reader",
+        "--new-user-password=r3ad",
+        "--interactive=false",
+    ]);
+    etcd.etcdctl(&["role", "add", "ro"]);
+    etcd.etcdctl(&[
+        "role",
+        "grant-permission",
+        "ro",
+        "read",
+        "/coreos.com/network/",
+        "--prefix=true",
+    ]);
+    etcd.etcdctl(&["user", "grant-role", "reader", "ro"]);
+    etcd.etcdctl(&["auth", "enable"]);
+    let a = Member::start(
+        &ul,
+        &etcd,
+        &args(&["--etcd-username=reader", "--etcd-password=r3ad"]),
+    );
+    // Every create is refused; twilld retries with a backoff (0.1, 0.2, 0.4, … s).
+    assert!(
+        wait_for(
+            || a.daemon.log().matches("permission denied").count() >= 4,
+            WAIT
+        ),
+        "the create was never refused for permission:\n{}",
+        a.daemon.log()
+    );
+    let leases = etcd.etcdctl(&[&root[..], &["lease", "list"]].concat());
+    assert!(
+        leases.trim_start().starts_with("found 0 leases"),
+        "etcd leases leaked by failed creates: {leases}\n{}",
+        a.daemon.log()
+    );
+    assert!(!a.dirs.conflist().exists());
+}
