@@ -1,7 +1,9 @@
 //! Masquerade and forward rules, as a narrow trait with one implementation.
 //!
-//! twill owns the table `ip twill` and rewrites it whole in one `nft -f -` transaction, so a
-//! network change replaces the old rules atomically and nothing else's rules are touched.
+//! twill owns the table `ip twill` and rewrites it whole in one `nft -j -f -` transaction of
+//! typed commands (`twill_common::nft::model`), so a network change replaces the old rules
+//! atomically and nothing else's rules are touched. Drift is found by comparing the table's JSON
+//! listing, as a structure, with the one taken right after installing.
 //! Semantics follow flannel's nftables mode (flannel-compat §7.2): no NAT inside the pod
 //! network, masquerade (fully-random) from pods to the outside, packets marked 0x4000 skipped.
 //!
@@ -12,8 +14,12 @@
 
 use std::future::Future;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network};
+use serde_json::Value;
 use tracing::{info, warn};
+use twill_common::nft::model::{
+    self, Base, ChainType, Cmd, Expr, Family, Field, Hook, Rule, Val, PRIO_SRCNAT,
+};
 
 use crate::error::{Error, Result};
 use crate::forward::ForwardAccept;
@@ -31,22 +37,73 @@ pub trait Rules: Send {
 
 pub const TABLE: &str = "twill";
 
-/// The nftables script (typed inputs only: CIDRs rendered by ipnetwork).
-pub fn render(network: Ipv4Network, subnet: Ipv4Network, masquerade: bool) -> String {
-    let mut s = format!("add table ip {TABLE}\ndelete table ip {TABLE}\ntable ip {TABLE} {{\n");
+/// The table as typed nftables commands: recreated whole in one transaction (add, delete,
+/// add again, so it works whether or not the table exists).
+pub fn commands(network: Ipv4Network, subnet: Ipv4Network, masquerade: bool) -> Vec<Cmd> {
+    let table = || TABLE.to_string();
+    let mut cmds = vec![
+        Cmd::AddTable(Family::Ip, table()),
+        Cmd::DeleteTable(Family::Ip, table()),
+        Cmd::AddTable(Family::Ip, table()),
+    ];
     if masquerade {
-        s.push_str(&format!(
-            "  chain postrtg {{\n    type nat hook postrouting priority srcnat; policy accept;\n\
-             \x20   meta mark & 0x00004000 == 0x00004000 return\n\
-             \x20   ip saddr {subnet} ip daddr {network} return\n\
-             \x20   ip saddr {network} ip daddr {subnet} return\n\
-             \x20   ip saddr != {subnet} ip daddr {network} return\n\
-             \x20   ip saddr {network} ip daddr != 224.0.0.0/4 masquerade fully-random\n\
-             \x20   ip saddr != {network} ip daddr {network} masquerade fully-random\n  }}\n"
-        ));
+        cmds.push(Cmd::AddChain {
+            family: Family::Ip,
+            table: table(),
+            name: "postrtg".into(),
+            base: Some(Base {
+                kind: ChainType::Nat,
+                hook: Hook::Postrouting,
+                prio: PRIO_SRCNAT,
+                accept: true,
+            }),
+        });
+        let net = Val::Net(IpNetwork::V4(network));
+        let sub = Val::Net(IpNetwork::V4(subnet));
+        let multicast = Val::Net("224.0.0.0/4".parse().expect("a valid prefix"));
+        let rule = |exprs: Vec<Expr>| {
+            Cmd::AddRule(Rule {
+                family: Family::Ip,
+                table: table(),
+                chain: "postrtg".into(),
+                exprs,
+                comment: None,
+            })
+        };
+        let masq = Expr::Masquerade { fully_random: true };
+        cmds.extend([
+            rule(vec![
+                Expr::is(Field::MarkAnd(0x4000), Val::Int(0x4000)),
+                Expr::Return,
+            ]),
+            rule(vec![
+                Expr::is(Field::Saddr, sub.clone()),
+                Expr::is(Field::Daddr, net.clone()),
+                Expr::Return,
+            ]),
+            rule(vec![
+                Expr::is(Field::Saddr, net.clone()),
+                Expr::is(Field::Daddr, sub.clone()),
+                Expr::Return,
+            ]),
+            rule(vec![
+                Expr::is_not(Field::Saddr, sub),
+                Expr::is(Field::Daddr, net.clone()),
+                Expr::Return,
+            ]),
+            rule(vec![
+                Expr::is(Field::Saddr, net.clone()),
+                Expr::is_not(Field::Daddr, multicast),
+                masq.clone(),
+            ]),
+            rule(vec![
+                Expr::is_not(Field::Saddr, net.clone()),
+                Expr::is(Field::Daddr, net),
+                masq,
+            ]),
+        ]);
     }
-    s.push_str("}\n");
-    s
+    cmds
 }
 
 fn nft(args: &[&str], stdin: Option<&str>) -> Result<String> {
@@ -66,9 +123,10 @@ async fn nft_async(args: Vec<String>, stdin: Option<String>) -> Result<String> {
 /// twill's own nftables table, plus its accept rules where iptables drops forwarded traffic.
 pub struct NftRules {
     masquerade: bool,
-    script: Option<String>,
-    /// `nft list table` right after applying, to spot removal or edits.
-    listing: Option<String>,
+    /// The commands last installed.
+    installed: Option<Vec<Cmd>>,
+    /// The table's normalized JSON listing right after installing, to spot removal or edits.
+    listing: Option<Value>,
     /// The pod network of the last `apply`, for the forward rules' checks.
     network: Option<Ipv4Network>,
     forward: ForwardAccept,
@@ -78,54 +136,67 @@ impl NftRules {
     pub fn new(masquerade: bool) -> NftRules {
         NftRules {
             masquerade,
-            script: None,
+            installed: None,
             listing: None,
             network: None,
             forward: ForwardAccept::new(),
         }
     }
 
-    async fn list() -> Result<String> {
-        nft_async(
-            vec!["list".into(), "table".into(), "ip".into(), TABLE.into()],
+    async fn list() -> Result<Value> {
+        let text = nft_async(
+            vec![
+                "-j".into(),
+                "list".into(),
+                "table".into(),
+                "ip".into(),
+                TABLE.into(),
+            ],
             None,
         )
-        .await
+        .await?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Nft(format!("nft -j list printed no JSON: {e}")))?;
+        Ok(model::normalized(&v))
     }
 
-    async fn install(&mut self, script: String) -> Result<()> {
-        nft_async(vec!["-f".into(), "-".into()], Some(script.clone())).await?;
+    async fn install(&mut self, cmds: Vec<Cmd>) -> Result<()> {
+        nft_async(
+            vec!["-j".into(), "-f".into(), "-".into()],
+            Some(model::script(&cmds)),
+        )
+        .await?;
         self.listing = Some(NftRules::list().await?);
-        self.script = Some(script);
+        self.installed = Some(cmds);
         Ok(())
     }
 }
 
 impl Rules for NftRules {
     async fn apply(&mut self, network: Ipv4Network, subnet: Ipv4Network) -> Result<()> {
-        // Set first: without masquerade the script does not name the network, so a changed
+        // Set first: without masquerade the table does not name the network, so a changed
         // network reaches the forward rules only through this.
         self.network = Some(network);
-        let script = render(network, subnet, self.masquerade);
-        if self.script.as_deref() == Some(script.as_str()) {
+        let cmds = commands(network, subnet, self.masquerade);
+        if self.installed.as_ref() == Some(&cmds) {
             self.check().await?;
             return Ok(());
         }
-        self.install(script).await?;
+        self.install(cmds).await?;
         info!(network = %network, subnet = %subnet, masquerade = self.masquerade, "nftables table ip {TABLE} installed");
         self.forward.ensure(network).await?;
         Ok(())
     }
 
     async fn check(&mut self) -> Result<bool> {
-        let (Some(script), Some(network)) = (self.script.clone(), self.network) else {
+        let (Some(cmds), Some(network)) = (self.installed.clone(), self.network) else {
             return Ok(false);
         };
         let now = NftRules::list().await.ok();
         let mut corrected = false;
         if now.is_none() || now != self.listing {
             warn!("nftables table ip {TABLE} was changed or removed; re-applying");
-            self.install(script).await?;
+            self.install(cmds).await?;
             corrected = true;
         }
         // Also picks up a drop that appeared after startup (Docker started later).
@@ -137,30 +208,57 @@ impl Rules for NftRules {
 mod tests {
     use super::*;
 
+    fn rules_of(cmds: &[Cmd]) -> Vec<Vec<Expr>> {
+        cmds.iter()
+            .filter_map(|c| match c {
+                Cmd::AddRule(r) => Some(r.exprs.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn script_follows_flannel_nft_semantics() {
-        let s = render(
-            "10.5.0.0/16".parse().unwrap(),
-            "10.5.3.0/24".parse().unwrap(),
-            true,
+    fn table_follows_flannel_nft_semantics() {
+        let net: Ipv4Network = "10.5.0.0/16".parse().unwrap();
+        let sub: Ipv4Network = "10.5.3.0/24".parse().unwrap();
+        let cmds = commands(net, sub, true);
+        let (n, s) = (Val::Net(IpNetwork::V4(net)), Val::Net(IpNetwork::V4(sub)));
+        let masq = Expr::Masquerade { fully_random: true };
+        assert_eq!(
+            rules_of(&cmds),
+            vec![
+                vec![
+                    Expr::is(Field::MarkAnd(0x4000), Val::Int(0x4000)),
+                    Expr::Return
+                ],
+                vec![
+                    Expr::is(Field::Saddr, s.clone()),
+                    Expr::is(Field::Daddr, n.clone()),
+                    Expr::Return
+                ],
+                vec![
+                    Expr::is(Field::Saddr, n.clone()),
+                    Expr::is(Field::Daddr, s.clone()),
+                    Expr::Return
+                ],
+                vec![
+                    Expr::is_not(Field::Saddr, s),
+                    Expr::is(Field::Daddr, n.clone()),
+                    Expr::Return
+                ],
+                vec![
+                    Expr::is(Field::Saddr, n.clone()),
+                    Expr::is_not(Field::Daddr, Val::Net("224.0.0.0/4".parse().unwrap())),
+                    masq.clone()
+                ],
+                vec![
+                    Expr::is_not(Field::Saddr, n.clone()),
+                    Expr::is(Field::Daddr, n),
+                    masq
+                ],
+            ]
         );
-        let rules: Vec<&str> = s.lines().map(str::trim).collect();
-        let want = [
-            "meta mark & 0x00004000 == 0x00004000 return",
-            "ip saddr 10.5.3.0/24 ip daddr 10.5.0.0/16 return",
-            "ip saddr 10.5.0.0/16 ip daddr 10.5.3.0/24 return",
-            "ip saddr != 10.5.3.0/24 ip daddr 10.5.0.0/16 return",
-            "ip saddr 10.5.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random",
-            "ip saddr != 10.5.0.0/16 ip daddr 10.5.0.0/16 masquerade fully-random",
-        ];
-        let start = rules.iter().position(|l| *l == want[0]).unwrap();
-        assert_eq!(&rules[start..start + 6], &want);
-        let no_masq = render(
-            "10.5.0.0/16".parse().unwrap(),
-            "10.5.3.0/24".parse().unwrap(),
-            false,
-        );
-        assert!(!no_masq.contains("masquerade"));
+        assert!(rules_of(&commands(net, sub, false)).is_empty());
     }
 
     /// Nothing of twill's on the forward path: an accept in its own table cannot beat another
@@ -168,16 +266,22 @@ mod tests {
     #[test]
     fn table_has_no_forward_chain() {
         for masq in [true, false] {
-            let s = render(
+            let cmds = commands(
                 "10.5.0.0/16".parse().unwrap(),
                 "10.5.3.0/24".parse().unwrap(),
                 masq,
             );
-            assert!(!s.contains("hook forward"), "{s}");
-            assert!(!s.contains(" accept\n"), "{s}");
-            assert!(
-                s.starts_with("add table ip twill\ndelete table ip twill\n"),
-                "{s}"
+            assert!(cmds.iter().all(
+                |c| !matches!(c, Cmd::AddChain { base: Some(b), .. } if b.hook == Hook::Forward)
+            ));
+            assert!(rules_of(&cmds).iter().flatten().all(|e| *e != Expr::Accept));
+            assert_eq!(
+                &cmds[..3],
+                &[
+                    Cmd::AddTable(Family::Ip, TABLE.into()),
+                    Cmd::DeleteTable(Family::Ip, TABLE.into()),
+                    Cmd::AddTable(Family::Ip, TABLE.into())
+                ]
             );
         }
     }

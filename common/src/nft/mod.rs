@@ -1,7 +1,10 @@
 //! Runs the `nft` program: the one shell-out twilld's rules and the plugins' masquerade share.
 //!
-//! Scripts go in on stdin (`nft -f -`) and arguments as argv, never through a shell; callers
-//! interpolate only typed or validated values into the script.
+//! Scripts go in on stdin (`nft -f -`, or JSON built from the typed [`model`] with `nft -j -f -`)
+//! and arguments as argv, never through a shell; callers interpolate only typed or validated
+//! values into a script.
+
+pub mod model;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
