@@ -16,24 +16,22 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use twill_common::cni::version::Version;
 
 use crate::error::{Error, Result};
 
 pub const CONFLIST_NAME: &str = "10-twill.conflist";
 /// Plugins the chain cannot work without.
 pub const REQUIRED_PLUGINS: [&str; 3] = ["twill", "twill-bridge", "twill-host-local"];
-pub const PORTMAP: &str = "portmap";
-const MAX_VERSION: (u32, u32, u32) = (1, 1, 0);
+/// Chained after twill when installed (install-cni always installs it). The node's reference
+/// `portmap` is never chained: it would hold the chain at CNI 1.0.0 and program iptables.
+pub const PORTMAP: &str = "twill-portmap";
+const MAX_VERSION: Version = Version::V1_1_0;
 
 pub struct CniPaths<'a> {
     pub bin_dir: &'a Path,
     pub data_dir: &'a Path,
     pub subnet_file: &'a Path,
-}
-
-fn parse_version(v: &str) -> Option<(u32, u32, u32)> {
-    let mut it = v.split('.').map(|p| p.parse::<u32>().ok());
-    Some((it.next()??, it.next()??, it.next().unwrap_or(Some(0))?))
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -111,11 +109,11 @@ pub fn build(paths: &CniPaths) -> Result<String> {
     if portmap {
         chain.push(PORTMAP);
     }
-    let mut common: Option<Vec<(u32, u32, u32)>> = None;
+    let mut common: Option<Vec<Version>> = None;
     for p in &chain {
-        let mut vs: Vec<(u32, u32, u32)> = plugin_versions(&paths.bin_dir.join(p))?
+        let mut vs: Vec<Version> = plugin_versions(&paths.bin_dir.join(p))?
             .iter()
-            .filter_map(|v| parse_version(v))
+            .filter_map(|v| Version::parse(v).ok())
             .filter(|v| *v <= MAX_VERSION)
             .collect();
         if let Some(c) = &common {
@@ -126,7 +124,7 @@ pub fn build(paths: &CniPaths) -> Result<String> {
     let mut versions = common.unwrap_or_default();
     versions.sort();
     versions.dedup();
-    if !versions.contains(&(1, 0, 0)) {
+    if !versions.contains(&Version::V1_0_0) {
         return Err(Error::CniPlugins {
             dir: paths.bin_dir.to_path_buf(),
             reason: format!("the plugins {chain:?} do not all support CNI 1.0.0"),
@@ -134,7 +132,7 @@ pub fn build(paths: &CniPaths) -> Result<String> {
     }
     let versions: Vec<String> = versions
         .iter()
-        .map(|(a, b, c)| format!("{a}.{b}.{c}"))
+        .map(|Version(a, b, c)| format!("{a}.{b}.{c}"))
         .collect();
     let mut plugins = vec![json!({
         "type": "twill",
@@ -144,7 +142,7 @@ pub fn build(paths: &CniPaths) -> Result<String> {
         "ipam": {"type": "twill-host-local", "dataDir": paths.data_dir.join("networks")},
     })];
     if portmap {
-        plugins.push(json!({"type": "portmap", "capabilities": {"portMappings": true}}));
+        plugins.push(json!({"type": PORTMAP, "capabilities": {"portMappings": true}}));
     }
     let conf = json!({
         "cniVersion": "1.0.0",
@@ -361,10 +359,34 @@ mod tests {
         assert_eq!(v["plugins"][0]["dataDir"], "/var/lib/cni/twill");
         assert_eq!(v["plugins"][0]["ipam"]["dataDir"], "/var/lib/cni/networks");
         assert_eq!(v["plugins"][0]["delegate"]["isDefaultGateway"], true);
+        // The node's reference portmap (1.0.0 at most) is not chained.
         fake_plugin(&bin, "portmap", r#""0.4.0","1.0.0""#);
         let v: Value = serde_json::from_str(&build(&paths).unwrap()).unwrap();
-        assert_eq!(v["cniVersions"], json!(["0.4.0", "1.0.0"]));
-        assert_eq!(v["plugins"][1]["type"], "portmap");
+        assert_eq!(v["plugins"].as_array().unwrap().len(), 1, "{v}");
+        assert_eq!(
+            v["cniVersions"],
+            json!(["0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+        );
+        // twill-portmap is, and the chain still reaches 1.1.0.
+        fake_plugin(
+            &bin,
+            "twill-portmap",
+            r#""0.3.0","0.3.1","0.4.0","1.0.0","1.1.0""#,
+        );
+        let v: Value = serde_json::from_str(&build(&paths).unwrap()).unwrap();
+        assert_eq!(
+            v["cniVersions"],
+            json!(["0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+        );
+        assert_eq!(v["plugins"][1]["type"], "twill-portmap");
+        assert_eq!(v["plugins"][1]["capabilities"]["portMappings"], true);
+        fake_plugin(&bin, "twill-portmap", r#""0.4.0","1.0.0""#);
+        let v: Value = serde_json::from_str(&build(&paths).unwrap()).unwrap();
+        assert_eq!(
+            v["cniVersions"],
+            json!(["0.4.0", "1.0.0"]),
+            "an older twill-portmap narrows it"
+        );
         let loc = Location::new(&conf, &d.path().join("run"));
         loc.write(&(build(&paths).unwrap() + "\n")).unwrap();
         assert!(loc.link.ends_with(CONFLIST_NAME));
@@ -413,11 +435,11 @@ mod tests {
         std::fs::remove_file(&loc.file).unwrap();
         assert!(!loc.link.exists());
         assert!(loc.differs(&t1));
-        // A new portmap changes the chain.
+        // A new twill-portmap changes the chain.
         fake_plugin(&bin, PORTMAP, all);
         let t2 = want.text(&paths).unwrap();
         assert_ne!(t1, t2);
-        assert!(t2.contains("portmap"));
+        assert!(t2.contains("twill-portmap"));
         loc.write(&t2).unwrap();
         assert!(loc.remove().unwrap());
         assert!(!loc.remove().unwrap(), "removing twice is fine");

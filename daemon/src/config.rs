@@ -51,8 +51,9 @@ pub struct VxlanConfig {
     pub direct_routing: bool,
 }
 
-/// Lower-cases every key of a JSON object (Go's case-insensitive field matching).
-fn lower_keys(obj: &Map<String, Value>) -> Map<String, Value> {
+/// Lower-cases every key of a JSON object (Go's case-insensitive field matching); the config
+/// and the lease values are read through this one function.
+pub fn lower_keys(obj: &Map<String, Value>) -> Map<String, Value> {
     obj.iter()
         .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
         .collect()

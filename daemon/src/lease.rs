@@ -4,9 +4,10 @@
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::backend_type::BackendType;
+use crate::config::lower_keys;
 
 /// VtepMACs are the netlink layer's one MAC type.
 pub use twill_common::netlink::Mac;
@@ -54,7 +55,7 @@ impl LeaseAttrs {
     /// Parses a lease value; keys match case-insensitively, as in Go.
     pub fn parse(value: &[u8]) -> Option<LeaseAttrs> {
         let v: Value = serde_json::from_slice(value).ok()?;
-        let obj = lower(v.as_object()?);
+        let obj = lower_keys(v.as_object()?);
         let public_ip = obj.get("publicip")?.as_str()?.parse().ok()?;
         // Lease values are exact (flannel writes lower case); an unknown one stays as it is.
         let backend_type = match obj
@@ -83,17 +84,11 @@ impl LeaseAttrs {
         if !self.is_vxlan() {
             return None;
         }
-        let d = lower(self.backend_data.as_object()?);
+        let d = lower_keys(self.backend_data.as_object()?);
         let mac = d.get("vtepmac")?.as_str()?.parse().ok()?;
         let vni = d.get("vni").and_then(|v| v.as_u64()).unwrap_or(1) as u32;
         Some((mac, vni))
     }
-}
-
-fn lower(m: &Map<String, Value>) -> Map<String, Value> {
-    m.iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-        .collect()
 }
 
 /// A lease as seen in etcd.
