@@ -122,12 +122,14 @@ pub struct NodeDirs {
     root: tempfile::TempDir,
 }
 
-/// The plugins twilld's conflist chains (portmap is only chained when present).
-pub const TWILL_PLUGINS: [&str; 4] = [
+/// twill's plugins (the image ships and install-cni installs them; twilld chains
+/// twill-portmap when it is present).
+pub const TWILL_PLUGINS: [&str; 5] = [
     "twill",
     "twill-bridge",
     "twill-host-local",
     "twill-loopback",
+    "twill-portmap",
 ];
 
 impl NodeDirs {
@@ -468,6 +470,27 @@ impl Member {
         let mut args = vec!["--iface=eth0"];
         args.extend_from_slice(extra);
         args
+    }
+
+    /// Two nodes started with `args_a` / `args_b`, both ready and each carrying the other's
+    /// VXLAN entries (panics with both VTEPs' state otherwise).
+    pub fn meshed_pair(
+        ul: &Underlay,
+        etcd: &crate::etcd::Etcd,
+        args_a: &[&str],
+        args_b: &[&str],
+    ) -> (Member, Member) {
+        let a = Member::start(ul, etcd, args_a);
+        let b = Member::start(ul, etcd, args_b);
+        a.wait_ready();
+        b.wait_ready();
+        assert!(
+            wait_for(|| a.sees(&b) && b.sees(&a), READY_TIMEOUT),
+            "{:?}\n{:?}",
+            a.vtep_state(),
+            b.vtep_state()
+        );
+        (a, b)
     }
 
     /// Waits until the node wrote its subnet.env and CNI config (the kubelet's Ready signal);

@@ -54,19 +54,9 @@ fn start_with(ul: &Underlay, etcd: &Etcd, dirs: NodeDirs) -> Member {
     Member::start_with(ul, etcd, dirs, &args(&[]))
 }
 
-/// Two [`start`]ed vxlan nodes, both ready and each carrying the other's VXLAN entries.
+/// Two [`start`]ed vxlan nodes, meshed.
 fn meshed_pair(ul: &Underlay, etcd: &Etcd) -> (Member, Member) {
-    let a = start(ul, etcd);
-    let b = start(ul, etcd);
-    a.wait_ready();
-    b.wait_ready();
-    assert!(
-        wait_for(|| a.sees(&b) && b.sees(&a), WAIT),
-        "{:?}\n{:?}",
-        a.vtep_state(),
-        b.vtep_state()
-    );
-    (a, b)
+    Member::meshed_pair(ul, etcd, &args(&[]), &args(&[]))
 }
 
 fn key(name: &str) -> String {

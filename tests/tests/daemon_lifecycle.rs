@@ -27,20 +27,11 @@ fn start(ul: &Underlay, etcd: &Etcd, extra: &[&str]) -> Member {
     Member::start(ul, etcd, &[&["--reconcile-interval=1"], extra].concat())
 }
 
-/// Two nodes ([`start`]ed with `extra_a` and `extra_b`), both ready and each carrying the
-/// other's VXLAN entries.
+/// Two nodes ([`start`]ed with `extra_a` and `extra_b`), meshed.
 fn meshed_pair(ul: &Underlay, etcd: &Etcd, extra_a: &[&str], extra_b: &[&str]) -> (Member, Member) {
-    let a = start(ul, etcd, extra_a);
-    let b = start(ul, etcd, extra_b);
-    a.wait_ready();
-    b.wait_ready();
-    assert!(
-        wait_for(|| a.sees(&b) && b.sees(&a), WAIT),
-        "{:?}\n{:?}",
-        a.vtep_state(),
-        b.vtep_state()
-    );
-    (a, b)
+    let a = [&["--reconcile-interval=1"], extra_a].concat();
+    let b = [&["--reconcile-interval=1"], extra_b].concat();
+    Member::meshed_pair(ul, etcd, &a, &b)
 }
 
 #[test]

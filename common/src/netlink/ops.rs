@@ -368,14 +368,7 @@ impl Netlink {
         oif: u32,
         onlink: bool,
     ) -> Result<()> {
-        let msg = Netlink::route_msg(dst, gw, oif, onlink);
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .map_err(NlError::kernel(format!("ip route replace {dst} via {gw}")))
+        self.route_install(dst, gw, oif, onlink, true).await
     }
 
     /// `ip route add <dst> via <gw> dev <oif> [onlink] proto 116`: fails with EEXIST when any
@@ -387,13 +380,29 @@ impl Netlink {
         oif: u32,
         onlink: bool,
     ) -> Result<()> {
-        let msg = Netlink::route_msg(dst, gw, oif, onlink);
-        self.handle
+        self.route_install(dst, gw, oif, onlink, false).await
+    }
+
+    async fn route_install(
+        &self,
+        dst: Ipv4Network,
+        gw: Ipv4Addr,
+        oif: u32,
+        onlink: bool,
+        replace: bool,
+    ) -> Result<()> {
+        let req = self
+            .handle
             .route()
-            .add(msg)
-            .execute()
+            .add(Netlink::route_msg(dst, gw, oif, onlink));
+        let (req, verb) = if replace {
+            (req.replace(), "replace")
+        } else {
+            (req, "add")
+        };
+        req.execute()
             .await
-            .map_err(NlError::kernel(format!("ip route add {dst} via {gw}")))
+            .map_err(NlError::kernel(format!("ip route {verb} {dst} via {gw}")))
     }
 
     pub async fn route_del(&self, msg: RouteMessage) -> Result<()> {
