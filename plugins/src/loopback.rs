@@ -4,7 +4,7 @@ use ipnetwork::IpNetwork;
 use netlink_packet_route::link::LinkFlags;
 use rtnetlink::LinkUnspec;
 use twill_common::cni::{CniError, CniResult, Interface, IpConfig, Plugin, Request};
-use twill_common::netlink::{addrs_of, link_by_name, nl_err, run_in_ns};
+use twill_common::netlink::{addrs_of, link_get, run_in_ns, NlError};
 use twill_common::netns;
 
 const LO: &str = "lo";
@@ -17,7 +17,7 @@ impl Plugin for Loopback {
         req.conf.check_prev_result()?;
         let ns = req.env.open_netns()?;
         let addrs = run_in_ns(ns, |h| async move {
-            let lo = link_by_name(&h, LO)
+            let lo = link_get(&h, LO)
                 .await?
                 .ok_or_else(|| CniError::internal("no lo in netns"))?;
             let idx = lo.header.index;
@@ -25,7 +25,7 @@ impl Plugin for Loopback {
                 .set(LinkUnspec::new_with_index(idx).up().build())
                 .execute()
                 .await
-                .map_err(nl_err("set lo up"))?;
+                .map_err(NlError::kernel("set lo up"))?;
             let addrs = addrs_of(&h, idx).await?;
             Ok(addrs
                 .into_iter()
@@ -71,12 +71,12 @@ impl Plugin for Loopback {
             return Ok(());
         };
         run_in_ns(ns, |h| async move {
-            if let Some(lo) = link_by_name(&h, LO).await? {
+            if let Some(lo) = link_get(&h, LO).await? {
                 h.link()
                     .set(LinkUnspec::new_with_index(lo.header.index).down().build())
                     .execute()
                     .await
-                    .map_err(nl_err("set lo down"))?;
+                    .map_err(NlError::kernel("set lo down"))?;
             }
             Ok(())
         })
@@ -85,7 +85,7 @@ impl Plugin for Loopback {
     fn check(&self, req: &Request) -> Result<(), CniError> {
         let ns = req.env.open_netns()?;
         let up = run_in_ns(ns, |h| async move {
-            let lo = link_by_name(&h, LO)
+            let lo = link_get(&h, LO)
                 .await?
                 .ok_or_else(|| CniError::internal("no lo in netns"))?;
             Ok(lo.header.flags.contains(LinkFlags::Up))

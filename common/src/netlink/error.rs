@@ -62,10 +62,31 @@ impl NlError {
 
     /// The object (link, address, route, neighbour) is not there.
     pub fn is_not_found(&self) -> bool {
-        matches!(
-            self.errno(),
-            Some(libc::ENODEV | libc::ENOENT | libc::ESRCH | libc::EADDRNOTAVAIL)
-        )
+        self.errno().is_some_and(not_found)
+    }
+}
+
+/// The errnos the kernel answers for a missing link, address, route or neighbour.
+fn not_found(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ENODEV | libc::ENOENT | libc::ESRCH | libc::EADDRNOTAVAIL
+    )
+}
+
+/// For code that still holds a raw kernel reply (e.g. inside a retry loop).
+pub fn is_exists(e: &rtnetlink::Error) -> bool {
+    errno(e) == Some(libc::EEXIST)
+}
+
+pub fn is_not_found(e: &rtnetlink::Error) -> bool {
+    errno(e).is_some_and(not_found)
+}
+
+/// The plugin boundary: a netlink failure is CNI code 999 (internal) with its context.
+impl From<NlError> for crate::cni::CniError {
+    fn from(e: NlError) -> crate::cni::CniError {
+        crate::cni::CniError::internal(e.to_string())
     }
 }
 

@@ -8,7 +8,7 @@ pub mod link;
 pub mod mac;
 pub mod ops;
 
-pub use error::{errno, NlError};
+pub use error::{errno, is_exists, is_not_found, NlError};
 pub use link::{link_get, LinkId, LinkSummary};
 pub use mac::{format_mac, BadMac, Mac};
 pub use ops::{NeighEntry, Netlink, RouteEntry, TWILL_ROUTE_PROTO};
@@ -24,17 +24,6 @@ use rtnetlink::Handle;
 
 use crate::cni::CniError;
 use crate::netns;
-
-pub fn is_exists(e: &rtnetlink::Error) -> bool {
-    errno(e) == Some(libc::EEXIST)
-}
-
-pub fn is_not_found(e: &rtnetlink::Error) -> bool {
-    matches!(
-        errno(e),
-        Some(libc::ENODEV | libc::ENOENT | libc::ESRCH | libc::EADDRNOTAVAIL)
-    )
-}
 
 /// Maps a netlink error to CNI code 999 with context.
 pub fn nl_err(ctx: impl std::fmt::Display) -> impl FnOnce(rtnetlink::Error) -> CniError {
@@ -120,30 +109,13 @@ fn on_thread<T: Send + 'static>(
     .map_err(|e| CniError::internal(e.to_string()))?
 }
 
-/// The link named `name`, or `None` when there is none.
-pub async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, CniError> {
-    match h
-        .link()
-        .get()
-        .match_name(name.to_string())
-        .execute()
-        .try_next()
-        .await
-    {
-        Ok(m) => Ok(m),
-        Err(e) if is_not_found(&e) => Ok(None),
-        Err(e) => Err(nl_err(format!("get link {name}"))(e)),
-    }
-}
-
 /// Addresses of one link, with the messages that carry them (to delete one).
-pub async fn addrs_of(
-    h: &Handle,
-    index: u32,
-) -> Result<Vec<(IpNetwork, AddressMessage)>, CniError> {
+pub async fn addrs_of(h: &Handle, index: u32) -> Result<Vec<(IpNetwork, AddressMessage)>, NlError> {
     let mut s = h.address().get().set_link_index_filter(index).execute();
     let mut out = Vec::new();
-    while let Some(m) = s.try_next().await.map_err(nl_err("list addresses"))? {
+    while let Some(m) = s.try_next().await.map_err(NlError::kernel(format!(
+        "list addresses of ifindex {index}"
+    )))? {
         if m.header.index != index {
             continue;
         }
@@ -169,11 +141,6 @@ pub fn mac_of(m: &LinkMessage) -> String {
         .unwrap_or_default()
 }
 
-/// A random locally administered unicast MAC, as bytes.
-pub fn random_mac() -> [u8; 6] {
-    Mac::random().0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,15 +150,21 @@ mod tests {
         if !nix::unistd::Uid::effective().is_root() {
             return;
         }
-        let lo = run(None, |s| async move { link_by_name(&s.host, "lo").await }).unwrap();
+        let lo = run(None, |s| async move {
+            Ok::<_, CniError>(link_get(&s.host, "lo").await?)
+        })
+        .unwrap();
         assert_eq!(lo.map(|m| m.header.index), Some(1));
         let none = run(None, |s| async move {
-            link_by_name(&s.host, "twill-nope0").await
+            Ok::<_, CniError>(link_get(&s.host, "twill-nope0").await?)
         })
         .unwrap();
         assert!(none.is_none());
         let me = File::open("/proc/self/ns/net").unwrap();
-        let lo = run_in_ns(me, |h| async move { link_by_name(&h, "lo").await }).unwrap();
+        let lo = run_in_ns(me, |h| async move {
+            Ok::<_, CniError>(link_get(&h, "lo").await?)
+        })
+        .unwrap();
         assert_eq!(lo.map(|m| m.header.index), Some(1));
     }
 }

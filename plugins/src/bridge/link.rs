@@ -19,7 +19,7 @@ use netlink_packet_route::route::{
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec};
 use twill_common::cni::{CniError, Route};
-use twill_common::netlink::{addrs_of, is_exists, is_not_found, link_by_name, nl_err, random_mac};
+use twill_common::netlink::{addrs_of, is_exists, is_not_found, link_get, Mac, NlError};
 
 pub fn kind_of(m: &LinkMessage) -> Option<&InfoKind> {
     m.attributes.iter().find_map(|a| match a {
@@ -76,19 +76,21 @@ pub async fn ensure_bridge(
     promisc: bool,
 ) -> Result<(LinkMessage, bool), CniError> {
     let mut created = false;
-    let mut link = link_by_name(h, name).await?;
+    let mut link = link_get(h, name).await?;
     if link.is_none() {
         // A fixed MAC keeps the bridge from following its lowest port's MAC as ports come and go.
-        let mut b = LinkBridge::new(name).address(random_mac().to_vec()).up();
+        let mut b = LinkBridge::new(name).address(Mac::random().0.to_vec()).up();
         if let Some(m) = mtu {
             b = b.mtu(m);
         }
         match h.link().add(b.build()).execute().await {
             Ok(()) => created = true,
             Err(e) if is_exists(&e) => {}
-            Err(e) => return Err(nl_err(format!("could not add bridge {name:?}"))(e)),
+            Err(e) => {
+                return Err(NlError::kernel(format!("could not add bridge {name:?}"))(e).into())
+            }
         }
-        link = link_by_name(h, name).await?;
+        link = link_get(h, name).await?;
     }
     let link = link.ok_or_else(|| CniError::internal(format!("bridge {name:?} vanished")))?;
     if kind_of(&link) != Some(&InfoKind::Bridge) {
@@ -107,7 +109,7 @@ pub async fn ensure_bridge(
             .set(m.build())
             .execute()
             .await
-            .map_err(nl_err(format!("set bridge {name:?} up")))?;
+            .map_err(NlError::kernel(format!("set bridge {name:?} up")))?;
     }
     Ok((link, created))
 }
@@ -128,9 +130,12 @@ pub async fn create_veth(
     for _ in 0..10 {
         let host_name = format!(
             "veth{:08x}",
-            u32::from_ne_bytes(random_mac()[..4].try_into().unwrap_or([0; 4]))
+            u32::from_ne_bytes(Mac::random().0[..4].try_into().unwrap_or([0; 4]))
         );
-        let (hmac, cmac) = (random_mac(), container_mac.unwrap_or_else(random_mac));
+        let (hmac, cmac) = (
+            Mac::random().0,
+            container_mac.unwrap_or_else(|| Mac::random().0),
+        );
         let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name(ifname.to_string())
             .address(cmac.to_vec())
@@ -150,28 +155,28 @@ pub async fn create_veth(
         match host.link().add(msg).execute().await {
             Ok(()) => return Ok((host_name, hmac, cmac)),
             Err(e) if is_exists(&e) => {
-                if link_by_name(container, ifname).await?.is_some() {
+                if link_get(container, ifname).await?.is_some() {
                     return Err(CniError::internal(format!(
                         "container veth name ({ifname:?}) peer provided ({host_name:?}) already exists"
                     )));
                 }
             }
-            Err(e) => return Err(nl_err("failed to create veth pair")(e)),
+            Err(e) => return Err(NlError::kernel("failed to create veth pair")(e).into()),
         }
     }
     Err(CniError::internal("failed to find a free host veth name"))
 }
 
-pub async fn set_hairpin(h: &Handle, index: u32) -> Result<(), CniError> {
+pub async fn set_hairpin(h: &Handle, index: u32) -> Result<(), NlError> {
     h.link()
         .set_port(LinkBridgePort::new(index).hairpin(true).build())
         .execute()
         .await
-        .map_err(nl_err("set hairpin"))
+        .map_err(NlError::kernel("set hairpin"))
 }
 
 /// Deletes a link by name; a missing link is success. Returns whether it existed.
-pub async fn del_link_by_name(h: &Handle, name: &str) -> Result<bool, CniError> {
+pub async fn del_link_get(h: &Handle, name: &str) -> Result<bool, CniError> {
     match h
         .link()
         .del_with_message(LinkUnspec::new_with_name(name).build())
@@ -180,7 +185,7 @@ pub async fn del_link_by_name(h: &Handle, name: &str) -> Result<bool, CniError> 
     {
         Ok(()) => Ok(true),
         Err(e) if is_not_found(&e) => Ok(false),
-        Err(e) => Err(nl_err(format!("failed to delete {name:?}"))(e)),
+        Err(e) => Err(NlError::kernel(format!("failed to delete {name:?}"))(e).into()),
     }
 }
 
@@ -192,11 +197,11 @@ pub const PARKED_PREFIX: &str = "twdel";
 /// `None` when there is no such link. Deleting a veth waits for an RCU barrier (~15-20 ms),
 /// which the caller leaves to a detached reaper.
 pub async fn park_link(h: &Handle, ifname: &str) -> Result<Option<String>, CniError> {
-    let Some(l) = link_by_name(h, ifname).await? else {
+    let Some(l) = link_get(h, ifname).await? else {
         return Ok(None);
     };
     for _ in 0..5 {
-        let r = random_mac();
+        let r = Mac::random().0;
         let name = format!(
             "{PARKED_PREFIX}{:02x}{:02x}{:02x}{:02x}",
             r[1], r[2], r[3], r[4]
@@ -209,7 +214,7 @@ pub async fn park_link(h: &Handle, ifname: &str) -> Result<Option<String>, CniEr
             Ok(()) => return Ok(Some(name)),
             Err(e) if is_exists(&e) => continue,
             Err(e) if is_not_found(&e) => return Ok(None),
-            Err(e) => return Err(nl_err(format!("failed to detach {ifname:?}"))(e)),
+            Err(e) => return Err(NlError::kernel(format!("failed to detach {ifname:?}"))(e).into()),
         }
     }
     Err(CniError::internal(
@@ -221,7 +226,11 @@ pub async fn park_link(h: &Handle, ifname: &str) -> Result<Option<String>, CniEr
 pub async fn parked_links(h: &Handle) -> Result<Vec<String>, CniError> {
     let mut names = Vec::new();
     let mut links = h.link().get().execute();
-    while let Some(l) = links.try_next().await.map_err(nl_err("list links"))? {
+    while let Some(l) = links
+        .try_next()
+        .await
+        .map_err(NlError::kernel("list links"))?
+    {
         for a in &l.attributes {
             if let LinkAttribute::IfName(n) = a {
                 if n.starts_with(PARKED_PREFIX) {
@@ -247,7 +256,7 @@ pub async fn add_addr(
     match req.execute().await {
         Ok(()) => Ok(()),
         Err(e) if is_exists(&e) => Ok(()),
-        Err(e) => Err(nl_err(format!("failed to add IP addr {addr}"))(e)),
+        Err(e) => Err(NlError::kernel(format!("failed to add IP addr {addr}"))(e).into()),
     }
 }
 
@@ -281,7 +290,7 @@ pub async fn ensure_bridge_addr(
                 .del(msg)
                 .execute()
                 .await
-                .map_err(nl_err("remove old bridge address"))?;
+                .map_err(NlError::kernel("remove old bridge address"))?;
         }
     }
     add_addr(h, index, gw, true).await
@@ -358,7 +367,7 @@ pub async fn add_route(
     match h.route().add(route_message(r, gw, oif)).execute().await {
         Ok(()) => Ok(()),
         Err(e) if is_exists(&e) => Ok(()),
-        Err(e) => Err(nl_err(format!("failed to add route {}", r.dst))(e)),
+        Err(e) => Err(NlError::kernel(format!("failed to add route {}", r.dst))(e).into()),
     }
 }
 
@@ -375,7 +384,7 @@ pub async fn routes(
     };
     let mut s = h.route().get(tmpl).execute();
     let mut out = Vec::new();
-    while let Some(m) = s.try_next().await.map_err(nl_err("list routes"))? {
+    while let Some(m) = s.try_next().await.map_err(NlError::kernel("list routes"))? {
         let mut dst = None;
         let mut gw = None;
         let mut oif = None;
@@ -407,7 +416,7 @@ pub async fn wait_port_forwarding(h: &Handle, name: &str) -> Result<LinkMessage,
     let mut delay = Duration::from_micros(250);
     let mut waited = Duration::ZERO;
     loop {
-        let link = link_by_name(h, name)
+        let link = link_get(h, name)
             .await?
             .ok_or_else(|| CniError::internal(format!("host veth {name:?} vanished")))?;
         if oper_up(&link) && port_forwarding(&link) {

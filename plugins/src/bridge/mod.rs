@@ -15,7 +15,7 @@ use twill_common::cni::{
     code, delegate, delegate_add, CniError, CniResult, Command, Dns, Interface, NetConf, Plugin,
     Request, Route,
 };
-use twill_common::netlink::{format_mac, link_by_name, mac_of, nl_err, run, run_in_ns};
+use twill_common::netlink::{format_mac, link_get, mac_of, run, run_in_ns, Mac, NlError};
 use twill_common::{cni::env::validate_ifname, netns};
 
 use crate::host_local;
@@ -105,15 +105,12 @@ fn requested_mac(req: &Request) -> Result<Option<[u8; 6]>, CniError> {
         return Ok(None);
     };
     let bad = || CniError::invalid_config(format!("invalid MAC address {s:?}"));
-    let parts: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16).map_err(|_| bad()))
-        .collect::<Result<_, _>>()?;
-    let mac: [u8; 6] = parts.try_into().map_err(|_| bad())?;
-    if mac[0] & 1 == 1 {
+    let mac: Mac = s.parse().map_err(|_| bad())?;
+    // A multicast address cannot be an interface's own.
+    if mac.0[0] & 1 == 1 {
         return Err(bad());
     }
-    Ok(Some(mac))
+    Ok(Some(mac.0))
 }
 
 /// IPAM runs in-process when it is our own host-local; any other type is executed from CNI_PATH.
@@ -246,7 +243,7 @@ async fn add_links(
             }
         }
         let container = async {
-            let c = link_by_name(&ch, &ifname).await?.ok_or_else(|| {
+            let c = link_get(&ch, &ifname).await?.ok_or_else(|| {
                 CniError::internal(format!("container link {ifname:?} missing after creation"))
             })?;
             let idx = c.header.index;
@@ -257,7 +254,7 @@ async fn add_links(
                 .set(LinkUnspec::new_with_index(idx).up().build())
                 .execute()
                 .await
-                .map_err(nl_err("set container link up"))?;
+                .map_err(NlError::kernel("set container link up"))?;
             for r in &result.routes {
                 let gw = r.gw.or_else(|| result.family_gateway(r.dst.is_ipv4()));
                 link::add_route(&ch, r, gw, idx).await?;
@@ -269,7 +266,7 @@ async fn add_links(
                 link::ensure_bridge_addr(&h, br_index, &bc.bridge, *gw, bc.force_address).await?;
             }
             if bc.hairpin_mode {
-                let l = link_by_name(&h, &host_name)
+                let l = link_get(&h, &host_name)
                     .await?
                     .ok_or_else(|| CniError::internal("host veth missing"))?;
                 link::set_hairpin(&h, l.header.index).await?;
@@ -283,7 +280,7 @@ async fn add_links(
         Ok::<(), CniError>(())
     };
     if let Err(e) = work.await {
-        let _ = link::del_link_by_name(&h, &host_name).await;
+        let _ = link::del_link_get(&h, &host_name).await;
         return Err(e);
     }
     Ok(AddOutcome {
@@ -351,7 +348,7 @@ fn reap(ns: File, names: Vec<String>) -> Result<(), CniError> {
     }
     run_in_ns(ns, move |ch| async move {
         for name in &names {
-            link::del_link_by_name(&ch, name).await?;
+            link::del_link_get(&ch, name).await?;
         }
         Ok(())
     })
@@ -403,7 +400,7 @@ impl Bridge {
         if let Err(e) = host_side() {
             let host_name = out.host_name.clone();
             let _ = run(None, move |s| async move {
-                link::del_link_by_name(&s.host, &host_name).await
+                link::del_link_get(&s.host, &host_name).await
             });
             if bc.ip_masq {
                 let _ = masq::del(&req.conf.name, &req.env.container_id);
@@ -570,7 +567,7 @@ async fn check_links(
     let ch = s.ns.ok_or_else(|| CniError::internal("no netns socket"))?;
     let h = s.host;
     let cif = &prev.interfaces[cidx];
-    let c = link_by_name(&ch, &ifname)
+    let c = link_get(&ch, &ifname)
         .await?
         .ok_or_else(|| CniError::internal(format!("container interface {ifname} missing")))?;
     if link::kind_of(&c) != Some(&netlink_packet_route::link::InfoKind::Veth) {
@@ -583,7 +580,7 @@ async fn check_links(
             cif.mac
         )));
     }
-    let br = link_by_name(&h, &bc.bridge)
+    let br = link_get(&h, &bc.bridge)
         .await?
         .ok_or_else(|| CniError::internal(format!("bridge {} missing", bc.bridge)))?;
     if link::kind_of(&br) != Some(&netlink_packet_route::link::InfoKind::Bridge) {
@@ -620,7 +617,7 @@ async fn check_links(
         .iter()
         .find(|i| i.sandbox.is_none() && i.name != bc.bridge);
     if let Some(hv) = hostv {
-        let l = link_by_name(&h, &hv.name)
+        let l = link_get(&h, &hv.name)
             .await?
             .ok_or_else(|| CniError::internal(format!("host veth {} missing", hv.name)))?;
         if l.header.index != peer {
@@ -765,8 +762,8 @@ mod tests {
         reap_later(File::open(&path).unwrap(), vec![a.clone(), b.clone()]).unwrap();
         let left = run_in_ns(File::open(&path).unwrap(), move |h| async move {
             Ok((
-                link_by_name(&h, &a).await?.is_some(),
-                link_by_name(&h, &b).await?.is_some(),
+                link_get(&h, &a).await?.is_some(),
+                link_get(&h, &b).await?.is_some(),
             ))
         })
         .unwrap();
