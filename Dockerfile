@@ -2,7 +2,7 @@
 # twill image: twilld and the CNI plugins. Build from the repository root:
 #   docker build -t twill:0.1.0 .
 # The DaemonSet's init container runs `twilld install-cni`, which copies /opt/twill/bin/* to the
-# node's /opt/cni/bin (portmap, and twill-loopback as loopback, only when the node has none);
+# node's /opt/cni/bin (twill-loopback also as loopback, only when the node has none);
 # the main container runs twilld.
 
 ARG RUST_VERSION=1.95
@@ -12,10 +12,9 @@ FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
 # protoc: etcd-client generates its gRPC code at build time; its protos import
 # google/protobuf/*.proto, which only libprotobuf-dev ships (not a dependency of
 # protobuf-compiler, and recommends are off here).
-# containernetworking-plugins: only for its portmap binary (the fallback for nodes without one).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      protobuf-compiler libprotobuf-dev containernetworking-plugins \
+      protobuf-compiler libprotobuf-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -32,10 +31,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked --target "$host" -p twill-plugins --bins \
  && mkdir -p /out/bin /out/cni \
  && cp target/release/twilld /out/bin/ \
- && for p in twill twill-bridge twill-host-local twill-loopback; do \
+ && for p in twill twill-bridge twill-host-local twill-loopback twill-portmap; do \
       cp "target/$host/release/$p" /out/cni/; \
-    done \
- && cp /usr/lib/cni/portmap /out/cni/portmap
+    done
 
 FROM debian:${DEBIAN_RELEASE}-slim
 # nft: twilld installs its masquerade rules with `nft -f -`. iptables (iptables-nft,

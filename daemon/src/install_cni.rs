@@ -19,11 +19,12 @@ use clap::Args;
 use crate::error::{Error, Result};
 
 /// twill's own plugins: always installed, replaced when the image carries another version.
-pub const PLUGINS: [&str; 4] = [
+pub const PLUGINS: [&str; 5] = [
     "twill",
     "twill-bridge",
     "twill-host-local",
     "twill-loopback",
+    "twill-portmap",
 ];
 
 /// Reference plugins installed only when the node has none, as `(name on the node, file in the
@@ -31,8 +32,9 @@ pub const PLUGINS: [&str; 4] = [
 /// `loopback`: containerd's CRI attaches a `loopback` network to every sandbox whatever the
 /// conflist says, so a node holding only twill's plugins could not start a pod without it;
 /// `twill-loopback` is a drop-in replacement of the reference plugin.
-pub const FALLBACK_PLUGINS: [(&str, &str); 2] =
-    [("portmap", "portmap"), ("loopback", "twill-loopback")];
+/// The reference `portmap` is no longer shipped: twilld chains `twill-portmap`, and a node's own
+/// `portmap` is left where it is (unused by twill's conflist).
+pub const FALLBACK_PLUGINS: [(&str, &str); 1] = [("loopback", "twill-loopback")];
 
 const BIN_MODE: u32 = 0o755;
 /// Temp files of ours older than this are leftovers of a crashed run, not a concurrent one.
@@ -239,7 +241,6 @@ mod tests {
         for name in PLUGINS {
             write(&src.path().join(name), name.as_bytes());
         }
-        write(&src.path().join("portmap"), b"image portmap");
         write(&dest.path().join("portmap"), b"node portmap");
         let args = InstallCniArgs {
             src_dir: src.path().into(),

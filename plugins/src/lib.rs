@@ -7,3 +7,5 @@ pub mod ipnet;
 pub mod loopback;
 pub mod masq;
 pub mod meta;
+pub mod nft_rules;
+pub mod portmap;

@@ -6,40 +6,21 @@
 //! name that passed the CNI name regex (`[A-Za-z0-9][A-Za-z0-9_.-]*`).
 
 use ipnetwork::IpNetwork;
-use serde_json::Value;
 use twill_common::cni::{Attachment, CniError};
 use twill_common::nft;
+
+use crate::nft_rules;
 
 const TABLE: &str = "twill_masq";
 const CHAIN: &str = "postrouting";
 
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    })
-}
-
-fn safe(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
-
 /// The rule comment of one attachment: readable when it fits nft's 128-byte limit, hashed otherwise.
 pub fn key(network: &str, container_id: &str) -> String {
-    let plain = format!("twill:{network}:{container_id}");
-    if plain.len() <= 120 && safe(network) && safe(container_id) {
-        plain
-    } else {
-        format!("twill#{:016x}:{:016x}", fnv(network), fnv(container_id))
-    }
+    nft_rules::key("twill", &[network, container_id], 120)
 }
 
 fn network_prefixes(network: &str) -> [String; 2] {
-    [
-        format!("twill:{network}:"),
-        format!("twill#{:016x}:", fnv(network)),
-    ]
+    nft_rules::prefixes("twill", &[network])
 }
 
 fn run_nft(args: &[&str], stdin: Option<&str>) -> Result<Vec<u8>, CniError> {
@@ -92,62 +73,24 @@ pub fn add(
     run_nft(&["-f", "-"], Some(&script)).map(|_| ())
 }
 
-/// (handle, comment) of every rule in the chain; empty when the table does not exist.
-fn rules() -> Result<Vec<(u64, String)>, CniError> {
-    let out = match nft::run(&["-j", "list", "chain", "inet", TABLE, CHAIN], None) {
-        Ok(o) => o,
-        Err(e) if e.is_not_found() => return Ok(Vec::new()),
-        Err(e) => return Err(CniError::internal(e.to_string())),
-    };
-    let v: Value = serde_json::from_slice(&out)
-        .map_err(|e| CniError::internal(format!("parse nft output: {e}")))?;
-    Ok(v.get("nftables")
-        .and_then(Value::as_array)
+/// Comments of the rules in the chain; empty when the table does not exist.
+fn rules() -> Result<Vec<String>, CniError> {
+    Ok(nft_rules::list("inet", TABLE)?
         .into_iter()
-        .flatten()
-        .filter_map(|i| i.get("rule"))
-        .filter_map(|r| {
-            Some((
-                r.get("handle")?.as_u64()?,
-                r.get("comment")?.as_str()?.to_string(),
-            ))
-        })
+        .filter(|r| r.chain == CHAIN)
+        .map(|r| r.comment)
         .collect())
 }
 
-/// How often the list-then-delete is retried when another process removed some of the listed
-/// rules first. Each retry only happens after someone else made progress, so few are needed.
-const DELETE_ATTEMPTS: usize = 16;
-
-/// Deletes the rules `select` picks. A delete script is one transaction that fails as a whole
-/// when any handle is gone (`No such file or directory`): another DEL or GC of the same
-/// attachment got there first. Then the chain is listed again and what is left is deleted, so
-/// concurrent DELs all succeed; a rule already gone is success.
+/// Deletes the rules `select` picks; one already gone is success (see [`nft_rules::replace`]).
 fn delete_matching(select: impl Fn(&str) -> bool) -> Result<(), CniError> {
-    let mut last = None;
-    for _ in 0..DELETE_ATTEMPTS {
-        let handles: Vec<u64> = rules()?
-            .into_iter()
-            .filter(|(_, c)| select(c))
-            .map(|(h, _)| h)
-            .collect();
-        if handles.is_empty() {
-            return Ok(());
-        }
-        let script: String = handles
-            .iter()
-            .map(|h| format!("delete rule inet {TABLE} {CHAIN} handle {h}\n"))
-            .collect();
-        match nft::run(&["-f", "-"], Some(&script)) {
-            Ok(_) => return Ok(()),
-            Err(e) if e.is_not_found() => last = Some(e),
-            Err(e) => return Err(CniError::internal(e.to_string())),
-        }
-    }
-    Err(CniError::internal(format!(
-        "masquerade rules kept changing while being deleted: {}",
-        last.map(|e| e.to_string()).unwrap_or_default()
-    )))
+    nft_rules::replace(
+        "inet",
+        TABLE,
+        |r| r.chain == CHAIN && select(&r.comment),
+        "",
+    )
+    .map(|_| ())
 }
 
 /// Removes the rules of one attachment; nothing to remove is success.
@@ -159,7 +102,7 @@ pub fn del(network: &str, container_id: &str) -> Result<(), CniError> {
 /// Whether the attachment has its rules (CHECK).
 pub fn present(network: &str, container_id: &str) -> Result<bool, CniError> {
     let k = key(network, container_id);
-    Ok(rules()?.iter().any(|(_, c)| *c == k))
+    Ok(rules()?.contains(&k))
 }
 
 /// Removes this network's rules whose container is not in `valid`.

@@ -52,8 +52,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A node's [`NodeDirs`] whose CNI bin dir holds only what `twilld install-cni` installs from
-/// an image-like source dir (the built twill plugins plus Debian's `portmap`, as the
-/// Dockerfile ships them) — nothing copied in by hand, in particular no reference `loopback`.
+/// an image-like source dir (the built twill plugins, as the Dockerfile ships them) — nothing
+/// copied in by hand, in particular no reference `loopback` or `portmap`.
 pub fn installed_node_dirs() -> NodeDirs {
     let dirs = NodeDirs::new();
     let bin = dirs.cni_bin_dir();
@@ -68,11 +68,6 @@ pub fn installed_node_dirs() -> NodeDirs {
     for p in crate::underlay::TWILL_PLUGINS {
         std::os::unix::fs::symlink(crate::bins::bin(p), image.path().join(p)).expect("link");
     }
-    std::os::unix::fs::symlink(
-        Path::new(crate::bins::REFERENCE_CNI_DIR).join("portmap"),
-        image.path().join("portmap"),
-    )
-    .expect("link portmap");
     crate::deploy::output_ok(
         crate::deploy::twilld()
             .arg("install-cni")

@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use serde_json::Value;
 
 /// twill's CNI plugin binaries: what the image ships and `install-cni` installs.
-pub const PLUGINS: [&str; 4] = crate::underlay::TWILL_PLUGINS;
+pub const PLUGINS: [&str; 5] = crate::underlay::TWILL_PLUGINS;
 
 /// The built `twilld` with stdin closed, for its one-shot subcommands (`init-network`,
 /// `install-cni`, `--help`).

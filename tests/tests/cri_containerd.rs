@@ -114,12 +114,16 @@ fn network_ready_follows_twilld() {
     let node = ul.add_node();
     let dirs = installed_node_dirs();
     let bin = bin_dir_entries(&dirs);
-    for p in TWILL_PLUGINS.iter().chain(&["loopback", "portmap"]) {
+    for p in TWILL_PLUGINS.iter().chain(&["loopback"]) {
         assert!(
             bin.iter().any(|b| b == p),
             "install-cni left no {p} in the bin dir: {bin:?}"
         );
     }
+    assert!(
+        !bin.iter().any(|b| b == "portmap"),
+        "the reference portmap is no longer shipped: {bin:?}"
+    );
     let rt = Containerd::start(&node, &dirs);
     let (ready, why) = rt.network_ready();
     assert!(

@@ -228,7 +228,7 @@ fn waits_for_config_and_withholds_cni_config_until_plugins_exist() {
     let etcd = ul.start_etcd(None);
     let dirs = NodeDirs::new();
     std::fs::remove_file(dirs.cni_bin_dir().join("twill-bridge")).unwrap();
-    // portmap is chained when present.
+    // twill-portmap (linked by NodeDirs) is chained; the node's reference portmap is not.
     std::os::unix::fs::symlink("/usr/lib/cni/portmap", dirs.cni_bin_dir().join("portmap")).unwrap();
     let a = start_with(&ul, &etcd, dirs, &[]);
     assert!(
@@ -273,6 +273,7 @@ fn waits_for_config_and_withholds_cni_config_until_plugins_exist() {
     a.wait_ready();
     let conf: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(a.dirs.conflist()).unwrap()).unwrap();
-    assert_eq!(conf["plugins"][1]["type"], "portmap", "{conf}");
+    assert_eq!(conf["plugins"][1]["type"], "twill-portmap", "{conf}");
+    assert_eq!(conf["plugins"].as_array().map(Vec::len), Some(2), "{conf}");
     assert_eq!(conf["plugins"][1]["capabilities"]["portMappings"], true);
 }

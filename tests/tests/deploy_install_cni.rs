@@ -234,8 +234,7 @@ fn keeps_the_nodes_reference_plugins_and_skips_identical_files() {
         .tempdir()
         .unwrap();
     let src = source_dir("v1", 0);
-    write_exec(&src.path().join("portmap"), &script("image-portmap", 0));
-    // The node's own reference plugins, including one the image also ships.
+    // The node's own reference plugins: twill chains twill-portmap, never these.
     write_exec(&dest.path().join("portmap"), &script("node-portmap", 0));
     write_exec(&dest.path().join("bridge"), &script("node-bridge", 0));
     install_ok(src.path(), dest.path());
@@ -260,16 +259,21 @@ fn keeps_the_nodes_reference_plugins_and_skips_identical_files() {
         .collect();
     assert_eq!(inodes, again, "identical plugins were rewritten");
 
-    // A node without portmap gets the image's copy (dirs given as the manifest does, by env).
+    // The reference portmap is no longer shipped: a node without one does not get one, even
+    // from an image that still carries it (dirs given as the manifest does, by env).
     fs::remove_file(dest.path().join("portmap")).unwrap();
+    write_exec(&src.path().join("portmap"), &script("image-portmap", 0));
     output_ok(
         twilld()
             .arg("install-cni")
             .env("TWILLD_SRC_DIR", src.path())
             .env("TWILLD_DEST_DIR", dest.path()),
     );
-    let out = Command::new(dest.path().join("portmap")).output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "image-portmap\n");
+    assert!(!dest.path().join("portmap").exists());
+    let out = Command::new(dest.path().join("twill-portmap"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "v1-twill-portmap\n");
 }
 
 #[test]

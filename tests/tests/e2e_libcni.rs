@@ -1,6 +1,6 @@
 //! The conflist that twilld writes, driven through the reference libcni (`cniharness`: the code
 //! path of containerd and CRI-O) — the whole chain twill → twill-bridge → twill-host-local →
-//! portmap on a node whose subnet comes from a real etcd.
+//! twill-portmap on a node whose subnet comes from a real etcd.
 
 use std::time::Duration;
 
@@ -20,7 +20,8 @@ struct Cluster {
     _ul: Underlay,
 }
 
-/// One node running twilld, with Debian's portmap in its bin dir so it gets chained.
+/// One node running twilld. Its bin dir holds twill's plugins and, as on a kubeadm node,
+/// Debian's reference portmap, which twilld must not chain (twill-portmap is).
 fn cluster() -> Cluster {
     let ul = Underlay::new();
     let etcd = Etcd::start_in(ul.ns_name(), &ul.etcd_ip().to_string());
@@ -47,8 +48,13 @@ fn cluster() -> Cluster {
     }
 }
 
-fn nat_rules(node: &Node) -> String {
-    String::from_utf8_lossy(&node.ns.output(&["iptables-save", "-t", "nat"]).stdout).into_owned()
+/// twill-portmap's nft table and the iptables nat table (the reference portmap's place).
+fn nat_rules(node: &Node) -> (String, String) {
+    let out = |argv: &[&str]| String::from_utf8_lossy(&node.ns.output(argv).stdout).into_owned();
+    (
+        out(&["nft", "list", "table", "inet", "twill-portmap"]),
+        out(&["iptables-save", "-t", "nat"]),
+    )
 }
 
 #[test]
@@ -62,7 +68,7 @@ fn pod_lifecycle_through_libcni() {
         .iter()
         .filter_map(|p| p["type"].as_str())
         .collect();
-    assert_eq!(types, ["twill", "portmap"], "conflist: {conf}");
+    assert_eq!(types, ["twill", "twill-portmap"], "conflist: {conf}");
     let subnet = c.dirs.subnet().expect("subnet.env");
 
     let pod = Netns::new("lc");
@@ -74,7 +80,6 @@ fn pod_lifecycle_through_libcni() {
     let conf_dir = c.dirs.cni_conf_dir();
 
     let add = harness_run(&c.node.ns, "add", &conf_dir, &bin, &pod, "libcni-1", &args).ok();
-    // libcni picks the highest version of cniVersion ∪ cniVersions that every plugin speaks.
     let version = add["cniVersion"].as_str().unwrap_or_default().to_string();
     let advertised: Vec<&str> = conf["cniVersions"]
         .as_array()
@@ -82,7 +87,15 @@ fn pod_lifecycle_through_libcni() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    assert_eq!(Some(&version.as_str()), advertised.last(), "result: {add}");
+    // The whole chain is twill's, so the advertised versions reach 1.1.0 (STATUS, GC).
+    // libcni picks the highest advertised version it speaks: Debian's libcni (1.1.x, the one
+    // cniharness is built from) predates spec 1.1.0 and stops at 1.0.0; a runtime with libcni
+    // ≥ 1.2 gets 1.1.0 now that no plugin of the chain holds it back.
+    assert_eq!(advertised.last(), Some(&"1.1.0"), "conflist: {conf}");
+    assert!(
+        ["1.0.0", "1.1.0"].contains(&version.as_str()),
+        "result: {add}"
+    );
     let addr = add["ips"][0]["address"].as_str().expect("pod address");
     let ip: std::net::Ipv4Addr = addr.split('/').next().unwrap_or("").parse().expect("ip");
     assert!(
@@ -93,19 +106,29 @@ fn pod_lifecycle_through_libcni() {
     assert_eq!(sandbox["name"], "eth0", "result: {add}");
     assert_eq!(sandbox["sandbox"], format!("/var/run/netns/{}", pod.name()));
 
-    // The node reaches the pod over cni0, and portmap's DNAT for the host port is in place.
+    // The node reaches the pod over cni0, and twill-portmap's DNAT for the host port is in
+    // place, in nftables only.
     c.node
         .ns
         .exec(&["ping", "-c", "1", "-W", "2", &ip.to_string()]);
+    let (nft, ipt) = nat_rules(&c.node);
     assert!(
-        nat_rules(&c.node).contains("18080"),
-        "no DNAT for the host port"
+        nft.contains(&format!("dport 18080 dnat ip to {ip}:80")),
+        "no DNAT for the host port: {nft}"
+    );
+    assert!(
+        !ipt.contains("18080"),
+        "iptables rules for the host port: {ipt}"
     );
     let saved = c.dirs.cni_data_dir().join("twill").join("libcni-1");
     assert!(saved.is_file(), "the meta plugin saved no delegate config");
 
-    // A healthy pod passes CHECK through the whole chain (without portmap, whose Debian build
-    // fails CHECK on hosts without IPv6 NAT, whatever the plugin before it).
+    // A healthy IPv4-only pod with a host port passes CHECK through the whole chain (Debian's
+    // portmap failed it: it looked for its v4 chain in ip6tables too).
+    let check = harness_run(
+        &c.node.ns, "check", &conf_dir, &bin, &pod, "libcni-1", &args,
+    );
+    assert_eq!(check.status, 0, "CHECK failed: {}", check.stderr);
     let pod2 = Netns::new("lc");
     let plain = ["-cache", cache_arg.as_str()];
     harness_run(
@@ -134,9 +157,10 @@ fn pod_lifecycle_through_libcni() {
         "veths left: {:?}",
         host_veths(&c.node.ns)
     );
+    let (nft, _) = nat_rules(&c.node);
     assert!(
-        !nat_rules(&c.node).contains("18080"),
-        "portmap rule left behind"
+        !nft.contains("18080"),
+        "twill-portmap rule left behind: {nft}"
     );
     drop(c.daemon);
 }

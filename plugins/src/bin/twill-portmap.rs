@@ -1,0 +1,3 @@
+fn main() {
+    twill_common::cni::run(&twill_plugins::portmap::Portmap)
+}
