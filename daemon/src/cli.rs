@@ -123,7 +123,7 @@ pub struct RunArgs {
     /// Where the CNI conflist is written once the node is ready.
     #[arg(long, env = "TWILLD_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
-    /// Where the CNI plugins live (portmap is chained only if it is found here).
+    /// Where the CNI plugins live (twill-portmap is chained only if it is found here).
     #[arg(long, env = "TWILLD_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
     pub cni_bin_dir: PathBuf,
     /// Base of the plugins' data dirs (IPAM store, meta plugin state).

@@ -10,14 +10,12 @@ use twill_tests::underlay::{wait_for, Member, Node, NodeDirs, Underlay, FLANNEL_
 const CONFIG: &str =
     r#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.63.0","Backend":{"Type":"vxlan"}}"#;
 
-/// Node dirs whose CNI bin dir also holds the reference `loopback` and `portmap`, as a node
-/// prepared for containerd has.
+/// Node dirs whose CNI bin dir also holds the reference `loopback`, as a node prepared for
+/// containerd has (twill-portmap comes with twill's plugins).
 fn dirs() -> NodeDirs {
     let d = NodeDirs::new();
-    for p in ["loopback", "portmap"] {
-        let src = std::path::Path::new(twill_tests::bins::REFERENCE_CNI_DIR).join(p);
-        std::os::unix::fs::symlink(&src, d.cni_bin_dir().join(p)).expect("symlink plugin");
-    }
+    let src = std::path::Path::new(twill_tests::bins::REFERENCE_CNI_DIR).join("loopback");
+    std::os::unix::fs::symlink(&src, d.cni_bin_dir().join("loopback")).expect("symlink plugin");
     d
 }
 
@@ -149,7 +147,7 @@ fn healthy_node_is_all_ok() {
         "plugin twill-bridge",
         "plugin twill-host-local",
         "plugin loopback",
-        "plugin portmap",
+        "plugin twill-portmap",
         "etcd",
         "network config",
         "vxlan port",

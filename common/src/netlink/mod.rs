@@ -25,14 +25,6 @@ use rtnetlink::Handle;
 use crate::cni::CniError;
 use crate::netns;
 
-/// Maps a netlink error to CNI code 999 with context.
-pub fn nl_err(ctx: impl std::fmt::Display) -> impl FnOnce(rtnetlink::Error) -> CniError {
-    move |e| match errno(&e) {
-        Some(n) => CniError::internal(format!("{ctx}: {}", std::io::Error::from_raw_os_error(n))),
-        None => CniError::internal(format!("{ctx}: {e}")),
-    }
-}
-
 /// Netlink handles of one job: `host` in the caller's namespace, `ns` inside the target one.
 pub struct Sockets {
     pub host: Handle,

@@ -150,7 +150,7 @@ pub const PLUGINS: [(&str, bool, &str); 5] = [
         "containerd and CRI-O run it for every pod sandbox",
     ),
     (
-        "portmap",
+        "twill-portmap",
         false,
         "hostPorts need it; twilld chains it only when present",
     ),
@@ -161,7 +161,7 @@ pub fn plugin(name: &str, required: bool, why: &str, bin_dir: &Path, f: &PluginF
     let d = bin_dir.display();
     let install = match name {
         "loopback" => "run `twilld install-cni` (it installs twill-loopback as loopback when the node has none) or install the reference plugins (containernetworking-plugins)".to_string(),
-        "portmap" => "install the reference plugins (containernetworking-plugins) into the CNI bin dir".to_string(),
+
         _ => format!("run `twilld install-cni` (the DaemonSet's init container) to copy {name} into {d}"),
     };
     let missing = |msg: String| {
@@ -282,7 +282,7 @@ mod tests {
         assert_eq!(lo.status, Status::Fail);
         assert!(lo.fix.unwrap().contains("install-cni"));
         assert_eq!(
-            plugin("portmap", false, "", bin, &PluginFacts::Missing).status,
+            plugin("twill-portmap", false, "", bin, &PluginFacts::Missing).status,
             Status::Warn
         );
         assert_eq!(

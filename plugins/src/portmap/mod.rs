@@ -16,7 +16,6 @@ pub mod rules;
 
 use std::net::IpAddr;
 
-use futures::TryStreamExt;
 use twill_common::cni::{code, Attachment, CniError, CniResult, Plugin, Request};
 use twill_common::nft;
 
@@ -85,15 +84,7 @@ fn enable_route_localnet(ip: IpAddr) -> Result<(), CniError> {
             .max_by_key(|(dst, _, _)| dst.prefix())
             .and_then(|(_, _, oif)| oif);
         let Some(idx) = best else { return Ok(None) };
-        let link = s
-            .host
-            .link()
-            .get()
-            .match_index(idx)
-            .execute()
-            .try_next()
-            .await
-            .map_err(twill_common::netlink::nl_err("get link"))?;
+        let link = twill_common::netlink::link_get(&s.host, idx).await?;
         Ok(link.and_then(|l| {
             l.attributes.into_iter().find_map(|a| match a {
                 netlink_packet_route::link::LinkAttribute::IfName(n) => Some(n),
