@@ -2,22 +2,13 @@
 
 use std::path::PathBuf;
 
-/// The cargo profile dir the current executable lives in (`target/debug` or `target/release`).
-/// Test executables live one level deeper, in `deps/`.
-pub fn target_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("TWILL_BIN_DIR") {
-        return PathBuf::from(dir);
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut dir = exe.parent().expect("exe dir").to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    dir
-}
+/// The cargo profile dir the current executable lives in (`target/debug` or `target/release`);
+/// the lab's rule, so tests, benches and `twill-lab` agree on it.
+pub use twill_lab::bins::target_dir;
 
-/// Path of a workspace binary (`twilld`, `twill-bridge`, ...). Panics with a hint when missing,
-/// since every test depends on `cargo build --workspace --bins` having run first.
+/// Path of a workspace binary (`twilld`, `twill-bridge`, `twill-lab`, ...). Panics with a hint
+/// when missing, since every test depends on `cargo build --workspace --bins` having run first
+/// (`cargo test -p twill-tests` builds no binary of the other packages).
 pub fn bin(name: &str) -> PathBuf {
     let p = target_dir().join(name);
     assert!(

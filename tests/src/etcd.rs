@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub const ETCD: &str = "/usr/bin/etcd";
+pub use twill_lab::etcd::ETCD;
 pub const ETCDCTL: &str = "/usr/bin/etcdctl";
 
 /// A running (or stopped) single-member etcd.
@@ -46,32 +46,7 @@ pub fn server_args(
     peer: &str,
     tls: Option<&TlsFiles>,
 ) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--name",
-        name,
-        "--data-dir",
-        &data_dir.display().to_string(),
-        "--listen-client-urls",
-        client,
-        "--advertise-client-urls",
-        client,
-        "--listen-peer-urls",
-        peer,
-        "--initial-advertise-peer-urls",
-        peer,
-        "--initial-cluster",
-        &format!("{name}={peer}"),
-        "--initial-cluster-state",
-        "new",
-        "--logger",
-        "zap",
-        "--log-outputs",
-        "stderr",
-        "--log-level",
-        "warn",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut a = twill_lab::etcd::server_args(name, data_dir, client, peer);
     if let Some(t) = tls {
         a.extend([
             "--cert-file".to_string(),

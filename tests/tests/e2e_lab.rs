@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use twill_tests::lab::{self, probe, Lab, LabOptions, NodeState};
+use twill_lab::{self as lab, probe, Lab, LabOptions, NodeState};
 
 /// Owns a lab for one test; `down` on drop, printing the twilld logs if the test failed.
 struct Guard {

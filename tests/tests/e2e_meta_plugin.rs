@@ -7,10 +7,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
+use twill_lab::runtime::{Attachment, NetworkList, Runtime};
+use twill_lab::Error;
 use twill_tests::bins;
 use twill_tests::cni::{eventually, host_veths};
-use twill_tests::lab::runtime::{Attachment, NetworkList, Runtime};
-use twill_tests::lab::Error;
 use twill_tests::netns::Netns;
 
 const SUBNET_ENV: &str =
@@ -103,7 +103,7 @@ fn attachment(pod: &Netns) -> Attachment {
 }
 
 fn ip_of(result: &Value) -> String {
-    let a = twill_tests::lab::runtime::result_ipv4(result).expect("IPv4 in result");
+    let a = twill_lab::runtime::result_ipv4(result).expect("IPv4 in result");
     a.split('/').next().unwrap().to_string()
 }
 

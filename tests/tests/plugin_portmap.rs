@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 
 use serde_json::{json, Map, Value};
+use twill_lab::runtime::{Attachment, NetworkList, Runtime};
 use twill_tests::cni::{self, exec, Invocation};
-use twill_tests::lab::runtime::{Attachment, NetworkList, Runtime};
 use twill_tests::netns::{veth_pair, Netns};
 
 const NODE_IP: &str = "192.0.2.1";

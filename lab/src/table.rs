@@ -2,8 +2,8 @@
 
 use std::fmt::Write;
 
-use super::probe::Reach;
-use super::Lab;
+use crate::probe::Reach;
+use crate::Lab;
 
 /// Left-aligned columns sized to their widest cell.
 fn render(header: &[&str], rows: &[Vec<String>]) -> String {

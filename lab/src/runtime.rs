@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::error::{io, Error, Result};
+use crate::error::{io, Error, Result};
 
 /// Versions this runtime speaks (libcni's `version.All`).
 pub const SUPPORTED_VERSIONS: &[&str] = &[

@@ -12,7 +12,9 @@
 //! so `down` can remove a half-built lab; processes are stopped by recorded PID + start time.
 
 pub mod bench;
+pub mod bins;
 pub mod error;
+pub mod etcd;
 pub mod probe;
 pub mod process;
 pub mod runtime;
@@ -44,18 +46,18 @@ pub const NODE_IF: &str = "eth0";
 pub const ETCD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 254);
 /// flannel's default etcd prefix, which twilld uses.
 pub const ETCD_PREFIX: &str = "/coreos.com/network";
-/// The plugins twilld's conflist may name; linked into every node's bin dir.
+/// The plugins twilld's conflist may name; linked into every node's bin dir (as install-cni
+/// would put them there: twill-portmap makes the chain's hostPorts work).
 pub const PLUGINS: &[&str] = &[
     "twill",
     "twill-bridge",
     "twill-host-local",
     "twill-loopback",
+    "twill-portmap",
 ];
 /// The loopback network containerd sets up in every pod before the pod network.
 pub const LOOPBACK_CONFLIST: &str =
     r#"{"cniVersion":"0.3.1","name":"cni-loopback","plugins":[{"type":"twill-loopback"}]}"#;
-/// Debian's reference portmap, chained after twill.
-pub const PORTMAP: &str = "/usr/lib/cni/portmap";
 
 /// How a lab is built.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,7 +80,7 @@ impl LabOptions {
         LabOptions {
             name: name.to_string(),
             root: PathBuf::from(DEFAULT_ROOT),
-            bin_src: crate::bins::target_dir(),
+            bin_src: bins::target_dir(),
             network: "10.244.0.0/16".to_string(),
             ip_masq: true,
         }
@@ -328,14 +330,8 @@ impl Lab {
         ensure_dir(&dir, 0o700).map_err(io(&dir))?;
         let client = self.etcd_endpoint();
         let peer = "http://127.0.0.1:2380";
-        let mut argv = vec![crate::etcd::ETCD.to_string()];
-        argv.extend(crate::etcd::server_args(
-            "lab",
-            &dir.join("data"),
-            &client,
-            peer,
-            None,
-        ));
+        let mut argv = vec![etcd::ETCD.to_string()];
+        argv.extend(etcd::server_args("lab", &dir.join("data"), &client, peer));
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let proc = Proc::spawn_in(&self.st.underlay_ns, &argv, &[], &dir.join("etcd.log"))?;
         self.st.etcd = Some(proc);
@@ -432,10 +428,7 @@ impl Lab {
             ensure_dir(&d, 0o700).map_err(io(&d))?;
         }
         let bin = self.bin_dir(&name);
-        let sources = PLUGINS
-            .iter()
-            .map(|p| self.st.opts.bin_src.join(p))
-            .chain(std::iter::once(PathBuf::from(PORTMAP)));
+        let sources = PLUGINS.iter().map(|p| self.st.opts.bin_src.join(p));
         for src in sources {
             let Some(file) = src.file_name() else {
                 continue;

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::error::{io, Error, Result};
-use super::process::succeeds_in;
+use crate::error::{io, Error, Result};
+use crate::process::succeeds_in;
 
 /// Port of the lab's echo listener inside every pod.
 pub const ECHO_PORT: u16 = 7777;

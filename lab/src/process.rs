@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::error::{io, Error, Result};
+use crate::error::{io, Error, Result};
 
 /// Runs `argv` (never through a shell) and returns stdout; a non-zero exit is an error.
 pub fn run(argv: &[&str]) -> Result<String> {

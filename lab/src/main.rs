@@ -2,14 +2,15 @@
 //!
 //! `twill-lab up --nodes 3 --pods 2` builds it and leaves it running, `twill-lab status`
 //! prints its tables again, `twill-lab down` removes everything it made, and
-//! `twill-lab bench` measures pod-to-pod throughput against the underlay and a hand-made VXLAN.
+//! `twill-lab bench` measures pod-to-pod throughput against the same topology made by hand,
+//! with flannel's rules and without.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use twill_tests::lab::{self, bench, Lab, LabOptions};
+use twill_lab::{self as lab, bench, Lab, LabOptions};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -51,7 +52,8 @@ enum Command {
     },
     /// Remove everything the lab made (processes by PID, namespaces, state dir).
     Down,
-    /// Measure TCP throughput on a 2-node lab of its own (`<name>-bench`), removed afterwards.
+    /// Measure pod->pod TCP throughput on a 2-node lab of its own (`<name>-bench`, removed
+    /// afterwards) against the same topology made by hand, with flannel's rules and without.
     Bench {
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 4)]
@@ -60,8 +62,12 @@ enum Command {
         /// machine, so ratios are taken per round and their median reported.
         #[arg(long, default_value_t = 9)]
         runs: u32,
-        #[arg(long, default_value_t = 1)]
-        streams: u32,
+        /// iperf3 stream counts (-P) to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,4")]
+        streams: Vec<u32>,
+        /// Run twilld without --ip-masq (flannel's side then gets the bridge plugin's masquerade).
+        #[arg(long)]
+        no_ip_masq: bool,
     },
 }
 
@@ -133,22 +139,25 @@ fn run(cli: &Cli) -> lab::Result<()> {
             seconds,
             runs,
             streams,
+            no_ip_masq,
         } => {
             let name = format!("{}-bench", cli.name);
             if let Some(stale) = Lab::open(&cli.root, &name)? {
                 stale.down()?;
             }
-            let mut lab = lab::up(options(cli, &name), 2, 1, &mut out)?;
+            let mut lo = options(cli, &name);
+            lo.ip_masq = !no_ip_masq;
+            let mut lab = lab::up(lo, 2, 1, &mut out)?;
             let o = bench::BenchOptions {
                 seconds: *seconds,
                 runs: *runs,
-                streams: *streams,
+                streams: streams.clone(),
             };
             let res = bench::run(&mut lab, &o, &mut out);
             let down = lab.down();
             let res = res?;
             down?;
-            let _ = write!(out, "\n{}", bench::report(&res, &o));
+            let _ = write!(out, "\n{}", bench::report(&res, &o, !no_ip_masq));
             Ok(())
         }
     }
