@@ -5,6 +5,7 @@
 //!
 //! Timings (NetworkReady after twilld start, first sandbox, 10 sandboxes at once, stop +
 //! remove) are printed; run with `--nocapture --test-threads=1` to see them.
+#![cfg(feature = "root")]
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};

@@ -1,6 +1,7 @@
 //! twilld's backend variants and node-side duties: host-gw, vxlan DirectRouting, MTU,
 //! `--ip-masq` rules, waiting for the network config, and withholding the CNI config while a
 //! plugin is missing.
+#![cfg(feature = "root")]
 
 use std::time::Duration;
 

@@ -3,6 +3,7 @@
 //! (twilld's `TWILL-FWD` chain, jumped from `filter FORWARD`), a flushed chain or deleted jump
 //! comes back on the next reconcile pass, and nothing of twill's is on the forward path when
 //! nothing drops. The same for a native nftables firewall chain with `policy drop`.
+#![cfg(feature = "root")]
 
 use std::net::Ipv4Addr;
 use std::time::Duration;

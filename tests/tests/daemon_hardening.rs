@@ -3,6 +3,7 @@
 //! input into a real etcd or a node's files and asserts what a user relies on: pods on two
 //! nodes keep reaching each other, etcd stays reachable, a new node turns Ready, the rejection
 //! shows in `/metrics`, the files come back.
+#![cfg(feature = "root")]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

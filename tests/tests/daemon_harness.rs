@@ -1,4 +1,5 @@
 //! Smoke test of the etcd and underlay harness the daemon tests build on.
+#![cfg(feature = "root")]
 
 use twill_tests::etcd::Etcd;
 use twill_tests::underlay::Underlay;

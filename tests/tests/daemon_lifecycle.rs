@@ -1,6 +1,7 @@
 //! twilld's life cycle against a real etcd: restarts keep the subnet, lost races retry,
 //! the VTEP heals, reconcile removes drift, expiry removes peers, etcd outages and
 //! compaction are survived without touching the data path.
+#![cfg(feature = "root")]
 
 use std::time::Duration;
 

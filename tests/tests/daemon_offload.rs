@@ -1,6 +1,7 @@
 //! TX checksum offload on a VXLAN device, set and read through the ethtool ioctl twilld uses
 //! (`twill_common::ethtool`, called by the daemon's `offload::apply_tx_checksum`), checked
 //! against what `ethtool -k` reports, inside a namespace the test owns.
+#![cfg(feature = "root")]
 
 use std::fs::File;
 use std::io;

@@ -1,6 +1,7 @@
 //! twilld against a real etcd, nodes as namespaces on an underlay bridge: leases in flannel's
 //! schema, kernel state per peer, pings across the VXLAN, lease removal, flannel-node leases,
 //! health endpoints.
+#![cfg(feature = "root")]
 
 use std::time::Duration;
 

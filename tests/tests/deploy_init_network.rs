@@ -2,6 +2,7 @@
 //! config (also one flannel wrote), refuses a different one unless `--force`, lets exactly one
 //! of several concurrent runs win, validates before writing, and speaks TLS with client certs
 //! like the manifest's Job does.
+#![cfg(feature = "root")]
 
 use std::fs;
 use std::process::{Child, Output, Stdio};

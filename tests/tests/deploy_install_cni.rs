@@ -1,6 +1,7 @@
 //! `twilld install-cni` (the DaemonSet's init container) replaces plugins atomically: a running
 //! old binary keeps running, a fresh exec runs the new one, and an exec racing the replacement
 //! never sees a partial file (no ENOEXEC, no ETXTBSY, no truncated program).
+#![cfg(feature = "root")]
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -3,6 +3,7 @@
 //! exactly NET_ADMIN+NET_RAW, tolerations, install-cni init container, every path twilld writes
 //! mounted from the host at the same path), the Job, the flags/env the manifests use existing in
 //! `twilld`, and the Dockerfile shipping what the manifests and `install-cni` expect.
+#![cfg(feature = "root")]
 
 use std::collections::BTreeSet;
 use std::fs;

@@ -4,6 +4,7 @@
 //! privileges, configured by the manifest's own environment (downward-API node IP, ConfigMap
 //! values). The nodes must turn Ready (conflist written, `/readyz` 200 where the kubelet probes)
 //! and pods on the two nodes must reach each other over the overlay.
+#![cfg(feature = "root")]
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -2,6 +2,7 @@
 //! everything the build needs, including the protobuf well-known types etcd-client's build
 //! script compiles against (issue: `protoc failed: google/protobuf/descriptor.proto: File not
 //! found` with protobuf-compiler alone).
+#![cfg(feature = "root")]
 
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};

@@ -1,6 +1,7 @@
 //! `twilld doctor` on nodes built in namespaces with a real etcd: a healthy node is all ok
 //! (exit 0), and each broken prerequisite shows as its check's line with exit 1 (warnings)
 //! or 2 (failures), while no other check fails.
+#![cfg(feature = "root")]
 
 use std::time::Duration;
 

@@ -2,6 +2,7 @@
 //! chain twilld's conflist names). Needs root and `cargo build --workspace --bins`.
 //! Each test builds its own lab under a temp state root, removed (with all its namespaces
 //! and processes) when the test ends, pass or fail.
+#![cfg(feature = "root")]
 
 use std::net::Ipv4Addr;
 use std::path::Path;

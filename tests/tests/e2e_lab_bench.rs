@@ -4,6 +4,7 @@
 //! that the report has twill against (a) and (b) with the targets, and that the hand-made
 //! namespaces are gone afterwards. No timing assertions: the figures themselves are for the
 //! report (docs/lab.md). Needs root and `cargo build --workspace --bins`.
+#![cfg(feature = "root")]
 
 use std::path::Path;
 

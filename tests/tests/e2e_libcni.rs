@@ -1,6 +1,7 @@
 //! The conflist that twilld writes, driven through the reference libcni (`cniharness`: the code
 //! path of containerd and CRI-O) — the whole chain twill → twill-bridge → twill-host-local →
 //! twill-portmap on a node whose subnet comes from a real etcd.
+#![cfg(feature = "root")]
 
 use std::time::Duration;
 

@@ -1,6 +1,7 @@
 //! The `twill` meta plugin driven as a runtime drives it: the conflist twilld writes, executed
 //! by the lab's CNI runtime inside a node namespace, with real twill-bridge/twill-host-local
 //! and Debian's portmap. Needs root and `cargo build --workspace --bins`.
+#![cfg(feature = "root")]
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

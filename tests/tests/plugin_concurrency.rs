@@ -1,5 +1,6 @@
 //! twill-bridge + twill-host-local under concurrency, DEL idempotency (also without a netns),
 //! GC and STATUS. Root only; every node and pod is a throw-away namespace.
+#![cfg(feature = "root")]
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};

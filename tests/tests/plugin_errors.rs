@@ -1,5 +1,6 @@
 //! Bad input gets a CNI error JSON with the spec's code on stdout, a non-zero exit,
 //! and changes nothing on the node (links, addresses, routes, nftables, IPAM store).
+#![cfg(feature = "root")]
 
 use serde_json::{json, Value};
 use twill_tests::cni::{eventually, exec, snapshot, twill, Invocation, Reply};

@@ -1,6 +1,7 @@
 //! Interop with Debian's reference plugins (v1.1.1 in /usr/lib/cni), driven through libcni
 //! (`cniharness`) like containerd: portmap chained after twill-bridge, the reference bridge
 //! using twill-host-local, and the host-local store shared in both directions.
+#![cfg(feature = "root")]
 
 use std::path::Path;
 

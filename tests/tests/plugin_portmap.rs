@@ -4,6 +4,7 @@
 //! address and localhost) and from a pod of the same node (hairpin), over TCP and UDP, IPv4 and
 //! IPv6; plus DEL/GC/CHECK/STATUS/VERSION and bad input straight on the plugin.
 //! Needs root and `cargo build --workspace --bins`.
+#![cfg(feature = "root")]
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

@@ -1,5 +1,6 @@
 //! Every verb of twill-bridge, twill-host-local and twill-loopback at every spec version,
 //! results parsed back as that version. Root only; each test in its own namespaces.
+#![cfg(feature = "root")]
 
 use std::path::Path;
 

@@ -88,6 +88,7 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs root: scripts/test.sh root"]
     fn missing_table_is_not_found() {
         let e = run(&["list", "table", "inet", "twill_no_such_table_x"], None).unwrap_err();
         assert!(e.is_not_found(), "{e}");
