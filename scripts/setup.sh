@@ -50,8 +50,11 @@ list_missing() {
     echo "protobuf well-known types: google/protobuf/descriptor.proto (package libprotobuf-dev)"
   python3 -c 'import kubernetes_validate' 2>/dev/null ||
     echo "kubernetes-validate (PyPI: pip install kubernetes-validate)"
-  command -v cniharness >/dev/null ||
+  if ! command -v cniharness >/dev/null; then
     echo "cniharness (bash tests/cniharness/build.sh /usr/local/bin/cniharness)"
+  elif [ "$(cat /usr/local/bin/.cniharness.sha256 2>/dev/null)" != "$(sha256sum tests/cniharness/main.go | cut -d' ' -f1)" ]; then
+    echo "cniharness is older than tests/cniharness/main.go (bash scripts/setup.sh rebuilds it)"
+  fi
 }
 
 if $check_only; then
@@ -83,8 +86,12 @@ if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
 fi
 
 # cniharness: a container runtime's view (reference libcni), built offline from Debian's packages.
-if ! command -v cniharness >/dev/null; then
+# Rebuilt when its source changed (a stamp of main.go's hash sits next to the binary).
+harness_sum=$(sha256sum tests/cniharness/main.go | cut -d' ' -f1)
+if ! command -v cniharness >/dev/null ||
+  [ "$(cat /usr/local/bin/.cniharness.sha256 2>/dev/null)" != "$harness_sum" ]; then
   bash tests/cniharness/build.sh /usr/local/bin/cniharness >/dev/null
+  echo "$harness_sum" >/usr/local/bin/.cniharness.sha256
 fi
 
 # VXLAN and bridge netfilter modules (no-ops where built in).

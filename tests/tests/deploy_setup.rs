@@ -75,6 +75,9 @@ impl FakePath {
             "rm",
             "cargo",
             "cniharness",
+            "sha256sum",
+            "cut",
+            "cat",
         ] {
             symlink(which(tool), dir.path().join(tool)).unwrap();
         }

@@ -1,7 +1,9 @@
-//! CNI benchmark: twill-bridge + twill-host-local against Debian's reference bridge + host-local,
-//! driven through libcni (`cniharness bench`) inside a throw-away node namespace, with the same
-//! config a runtime would pass (flannel's delegate shape, cni-notes §15.2). Prints ADD and DEL
-//! p50/p90 per side and the twill/reference ratios, then the binary sizes.
+//! CNI benchmark, driven through libcni (`cniharness bench`) inside a throw-away node namespace,
+//! with the config a runtime would pass (flannel's delegate shape, cni-notes §15.2):
+//! 1. twill-bridge + twill-host-local against Debian's reference bridge + host-local;
+//! 2. the hostPort chain: the same twill bridge + IPAM followed by twill-portmap against the
+//!    same chain with the reference portmap, every pod mapping its own host port.
+//! Prints ADD and DEL p50/p90 per side and the twill/reference ratios, then the binary sizes.
 //!
 //! Run as root after `cargo build --release --workspace --bins`:
 //! `target/release/cni-bench [--pods 50] [--parallel 1,8] [--rounds 1]`
@@ -32,6 +34,8 @@ struct Side {
     confdir: PathBuf,
     bin: String,
     cache: PathBuf,
+    /// Pod i maps host port `port_base + i` (0: no mappings).
+    port_base: u16,
 }
 
 fn conflist(bridge_type: &str, ipam_type: &str, bridge: &str, subnet: &str, data: &Path) -> Value {
@@ -39,6 +43,14 @@ fn conflist(bridge_type: &str, ipam_type: &str, bridge: &str, subnet: &str, data
         "type": bridge_type, "bridge": bridge, "isGateway": true, "ipMasq": false, "hairpinMode": true,
         "ipam": {"type": ipam_type, "subnet": subnet, "dataDir": data, "routes": [{"dst": "0.0.0.0/0"}]}
     }]})
+}
+
+/// [`conflist`] with a portmap plugin of `portmap_type` chained after the bridge.
+fn with_portmap(mut list: Value, portmap_type: &str) -> Value {
+    if let Some(plugins) = list["plugins"].as_array_mut() {
+        plugins.push(json!({"type": portmap_type, "capabilities": {"portMappings": true}}));
+    }
+    list
 }
 
 fn side(label: &'static str, root: &Path, list: Value, bin: String) -> Side {
@@ -50,6 +62,7 @@ fn side(label: &'static str, root: &Path, list: Value, bin: String) -> Side {
         confdir,
         bin,
         cache: root.join(label).join("cache"),
+        port_base: 0,
     }
 }
 
@@ -58,7 +71,7 @@ fn run(node: &Netns, s: &Side, pods: usize, par: usize) -> Value {
         s.confdir.display().to_string(),
         s.cache.display().to_string(),
     );
-    let (n, p) = (pods.to_string(), par.to_string());
+    let (n, p, ports) = (pods.to_string(), par.to_string(), s.port_base.to_string());
     let out = node.exec(&[
         "cniharness",
         "bench",
@@ -72,12 +85,46 @@ fn run(node: &Netns, s: &Side, pods: usize, par: usize) -> Value {
         &p,
         "-cache",
         &cache,
+        "-port-base",
+        &ports,
     ]);
     let v: Value = serde_json::from_str(out.trim())
         .unwrap_or_else(|e| panic!("bad bench output {out:?}: {e}"));
     assert_eq!(v["failures"], 0, "{}: failures in {v}", s.label);
     assert_eq!(v["unique_ips"], pods as u64, "{}: {v}", s.label);
     v
+}
+
+/// Runs both sides at every parallelism level and prints their figures and ratios.
+fn compare(node: &Netns, sides: [&Side; 2], args: &Args) {
+    println!(
+        "{:<10} {:>4} {:>9} {:>9} {:>9} {:>9}",
+        "side", "par", "ADD p50", "ADD p90", "DEL p50", "DEL p90"
+    );
+    let keys = ["add_ms_p50", "add_ms_p90", "del_ms_p50", "del_ms_p90"];
+    for &par in &args.parallel {
+        let mut figs: Vec<[f64; 4]> = Vec::new();
+        for s in sides {
+            let mut per: [Vec<f64>; 4] = Default::default();
+            for _ in 0..args.rounds.max(1) {
+                let v = run(node, s, args.pods, par);
+                for (i, k) in keys.iter().enumerate() {
+                    per[i].push(v[k].as_f64().unwrap_or(f64::NAN));
+                }
+            }
+            let f = per.map(median);
+            println!(
+                "{:<10} {:>4} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+                s.label, par, f[0], f[1], f[2], f[3]
+            );
+            figs.push(f);
+        }
+        let r: Vec<f64> = (0..4).map(|i| figs[0][i] / figs[1][i]).collect();
+        println!(
+            "{:<10} {:>4} {:>8.2}x {:>8.2}x {:>8.2}x {:>8.2}x",
+            "ratio", par, r[0], r[1], r[2], r[3]
+        );
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -92,7 +139,12 @@ fn size(p: &Path) -> u64 {
 fn main() {
     let args = Args::parse();
     let dir = target_dir();
-    for b in ["twill-bridge", "twill-host-local", "twill-loopback"] {
+    for b in [
+        "twill-bridge",
+        "twill-host-local",
+        "twill-loopback",
+        "twill-portmap",
+    ] {
         assert!(
             dir.join(b).is_file(),
             "{b} missing in {}: build the workspace bins first",
@@ -131,39 +183,55 @@ fn main() {
         ),
         REFERENCE_CNI_DIR.to_string(),
     );
+    let twill_pm = Side {
+        port_base: 20000,
+        ..side(
+            "twill-pm",
+            root,
+            with_portmap(
+                conflist(
+                    "twill-bridge",
+                    "twill-host-local",
+                    "cnitest2",
+                    "10.244.9.0/24",
+                    &root.join("pm-twill-data"),
+                ),
+                "twill-portmap",
+            ),
+            format!("{}:{REFERENCE_CNI_DIR}", dir.display()),
+        )
+    };
+    let reference_pm = Side {
+        port_base: 30000,
+        ..side(
+            "ref-pm",
+            root,
+            with_portmap(
+                conflist(
+                    "twill-bridge",
+                    "twill-host-local",
+                    "cnitest3",
+                    "10.244.10.0/24",
+                    &root.join("pm-ref-data"),
+                ),
+                "portmap",
+            ),
+            format!("{}:{REFERENCE_CNI_DIR}", dir.display()),
+        )
+    };
     let node = Netns::new("bench");
     println!(
         "CNI ADD/DEL latency through libcni, {} pods per run, {} round(s), ms",
         args.pods, args.rounds
     );
+    println!("1. bridge + host-local: twill's against the reference plugins");
+    compare(&node, [&twill, &reference], &args);
+    println!();
     println!(
-        "{:<10} {:>4} {:>9} {:>9} {:>9} {:>9}",
-        "side", "par", "ADD p50", "ADD p90", "DEL p50", "DEL p90"
+        "2. hostPort chain (twill-bridge + twill-host-local + portmap, one host port per pod): \
+         twill-portmap against the reference portmap (target <= 0.5x)"
     );
-    let keys = ["add_ms_p50", "add_ms_p90", "del_ms_p50", "del_ms_p90"];
-    for &par in &args.parallel {
-        let mut figs: Vec<[f64; 4]> = Vec::new();
-        for s in [&twill, &reference] {
-            let mut per: [Vec<f64>; 4] = Default::default();
-            for _ in 0..args.rounds.max(1) {
-                let v = run(&node, s, args.pods, par);
-                for (i, k) in keys.iter().enumerate() {
-                    per[i].push(v[k].as_f64().unwrap_or(f64::NAN));
-                }
-            }
-            let f = per.map(median);
-            println!(
-                "{:<10} {:>4} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
-                s.label, par, f[0], f[1], f[2], f[3]
-            );
-            figs.push(f);
-        }
-        let r: Vec<f64> = (0..4).map(|i| figs[0][i] / figs[1][i]).collect();
-        println!(
-            "{:<10} {:>4} {:>8.2}x {:>8.2}x {:>8.2}x {:>8.2}x",
-            "ratio", par, r[0], r[1], r[2], r[3]
-        );
-    }
+    compare(&node, [&twill_pm, &reference_pm], &args);
     println!("note: twill's DEL returns once the pod link is down and renamed (the pod has no eth0 any more);");
     println!(
         "      the kernel's veth free (an RCU barrier, ~15-20 ms) finishes in a forked reaper."
