@@ -45,6 +45,10 @@ fn ensure_dir_leaf(dir: &Path, mode: u32) -> io::Result<()> {
     }
 }
 
+/// Marks twill's temp files (`.<name>.twill-tmp.<pid>.<n>.<random>`), so a sweep can find the
+/// ones a killed writer left behind.
+pub const TEMP_MARK: &str = ".twill-tmp.";
+
 /// A temp name no other call (in this or another process) uses: pid, a per-process counter
 /// and random bits. Opened with O_EXCL anyway, so a file or symlink planted there is refused.
 fn temp_name(name: &std::ffi::OsStr) -> std::ffi::OsString {
@@ -52,7 +56,7 @@ fn temp_name(name: &std::ffi::OsStr) -> std::ffi::OsString {
     let mut tmp = std::ffi::OsString::from(".");
     tmp.push(name);
     tmp.push(format!(
-        ".tmp{}.{}.{:016x}",
+        "{TEMP_MARK}{}.{}.{:016x}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed),
         rand::random::<u64>()
@@ -63,6 +67,17 @@ fn temp_name(name: &std::ffi::OsStr) -> std::ffi::OsString {
 /// Writes `data` to `path` atomically: a fresh temp file (O_EXCL) in the same dir with `mode`,
 /// fsync, rename over `path`, fsync of the dir. Readers see the old or the new file, never a part.
 pub fn atomic_write(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    atomic_write_with(path, mode, |f| f.write_all(data))
+}
+
+/// [`atomic_write`] with the content written by `fill` (e.g. a copy from another file). The
+/// temp file is closed before the rename: exec of a binary still open for writing fails with
+/// ETXTBSY, so a plugin installed this way is runnable the moment it appears.
+pub fn atomic_write_with(
+    path: &Path,
+    mode: u32,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -85,14 +100,17 @@ pub fn atomic_write(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
             Err(e) => return Err(e),
         }
     };
-    let result = (|| {
+    let written = (|| {
         // The umask may have narrowed the mode given to open().
         f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(data)?;
-        f.sync_all()?;
+        fill(&mut f)?;
+        f.sync_all()
+    })();
+    drop(f);
+    let result = written.and_then(|()| {
         fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()
-    })();
+    });
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }

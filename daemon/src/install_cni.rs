@@ -6,12 +6,10 @@
 //! rename. Writing in place would fail with ETXTBSY while the old binary runs, and would let
 //! a concurrent exec see a half-written file.
 
-use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
@@ -39,7 +37,7 @@ pub const FALLBACK_PLUGINS: [(&str, &str); 1] = [("loopback", "twill-loopback")]
 const BIN_MODE: u32 = 0o755;
 /// Temp files of ours older than this are leftovers of a crashed run, not a concurrent one.
 const STALE_TEMP_AGE: Duration = Duration::from_secs(600);
-const TEMP_MARK: &str = ".twill-tmp.";
+use twill_common::fsutil::TEMP_MARK;
 
 #[derive(Debug, Clone, Args)]
 pub struct InstallCniArgs {
@@ -122,48 +120,14 @@ pub fn install_one(src: &Path, dest_dir: &Path, name: &str) -> Result<Outcome> {
         return Ok(Outcome::Unchanged);
     }
 
-    let tmp = temp_path(dest_dir, name);
-    let result = write_temp_and_rename(src, &tmp, &dest, dest_dir);
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map(|()| Outcome::Installed)
-}
-
-fn write_temp_and_rename(src: &Path, tmp: &Path, dest: &Path, dir: &Path) -> Result<()> {
     let mut input = File::open(src).map_err(io_err("open", src))?;
-    // O_EXCL: never write through a file someone else created (or a symlink planted) there.
-    let mut out = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o700)
-        .open(tmp)
-        .map_err(io_err("create", tmp))?;
-    io::copy(&mut input, &mut out).map_err(io_err("copy to", tmp))?;
-    out.set_permissions(fs::Permissions::from_mode(BIN_MODE))
-        .map_err(io_err("chmod", tmp))?;
-    out.sync_all().map_err(io_err("fsync", tmp))?;
-    // Close before the rename: an exec of a file still open for writing fails with ETXTBSY.
-    drop(out);
-    fs::rename(tmp, dest).map_err(io_err("rename to", dest))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync", dir))
+    twill_common::fsutil::atomic_write_with(&dest, BIN_MODE, |out| {
+        io::copy(&mut input, out).map(drop)
+    })
+    .map_err(io_err("install", &dest))?;
+    Ok(Outcome::Installed)
 }
 
-fn temp_path(dir: &Path, name: &str) -> PathBuf {
-    static SEQ: AtomicU32 = AtomicU32::new(0);
-    let mut file = OsString::from(".");
-    file.push(name);
-    file.push(format!(
-        "{TEMP_MARK}{}.{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    dir.join(file)
-}
-
-/// Whether `dest` is a regular file with exactly the bytes of `src`.
 fn same_contents(src: &Path, dest: &Path) -> io::Result<bool> {
     let dmeta = match fs::symlink_metadata(dest) {
         Ok(m) => m,
