@@ -2,14 +2,16 @@
 //!
 //! twill-bridge's masquerade (`inet twill_masq`) and twill-portmap (`inet twill-portmap`) tag
 //! every rule they add with a comment keyed by network + container ID (+ ifname), never by IP,
-//! so DEL without a netns or `prevResult`, and GC, still find them. Deleting lists the table and
-//! deletes the picked handles in one transaction; when another process removed one of them
-//! first the transaction fails as a whole with ENOENT, and the list-then-delete is retried, so
-//! concurrent DELs of the same attachment all succeed.
+//! so DEL without a netns or `prevResult`, and GC, still find them. Deleting lists the table
+//! (`nft -j list table`, parsed here and nowhere else) and deletes the picked handles in one
+//! `nft -j -f -` transaction of typed commands ([`model::Cmd`]); when another process removed
+//! one of them first the transaction fails as a whole with ENOENT, and the list-then-delete is
+//! retried, so concurrent DELs of the same attachment all succeed.
 
 use serde_json::Value;
 use twill_common::cni::CniError;
 use twill_common::nft;
+use twill_common::nft::model::{self, Cmd, Family};
 
 /// One rule of a table, as `nft -j list table` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +36,8 @@ fn safe(s: &str) -> bool {
 
 /// `tag:part1:part2…` when it is at most `max` bytes and every part is plain
 /// (`[A-Za-z0-9_.-]+`); otherwise `tag#<fnv(part1)>:<fnv(part2)>…`. Comments are limited to
-/// 128 bytes and are interpolated into nft scripts, hence the fallback.
+/// 128 bytes, hence the fallback (the hash also keeps them plain words for whoever reads
+/// `nft list` text).
 pub fn key(tag: &str, parts: &[&str], max: usize) -> String {
     let plain = format!("{tag}:{}", parts.join(":"));
     if plain.len() <= max && parts.iter().all(|p| safe(p)) {
@@ -58,8 +61,8 @@ pub fn prefixes(tag: &str, parts: &[&str]) -> [String; 2] {
 }
 
 /// Every rule of `family table`; empty when the table does not exist.
-pub fn list(family: &str, table: &str) -> Result<Vec<Rule>, CniError> {
-    let out = match nft::run(&["-j", "list", "table", family, table], None) {
+pub fn list(family: Family, table: &str) -> Result<Vec<Rule>, CniError> {
+    let out = match nft::run(&["-j", "list", "table", family.as_str(), table], None) {
         Ok(o) => o,
         Err(e) if e.is_not_found() => return Ok(Vec::new()),
         Err(e) => return Err(CniError::internal(e.to_string())),
@@ -93,13 +96,26 @@ fn parse_rules(json: &[u8]) -> Result<Vec<Rule>, CniError> {
 /// rules first. Each retry only happens after someone else made progress, so few are needed.
 const ATTEMPTS: usize = 16;
 
+/// The commands deleting `victims` of `family table`.
+pub fn delete_cmds(family: Family, table: &str, victims: &[Rule]) -> Vec<Cmd> {
+    victims
+        .iter()
+        .map(|r| Cmd::DeleteRule {
+            family,
+            table: table.to_string(),
+            chain: r.chain.clone(),
+            handle: r.handle,
+        })
+        .collect()
+}
+
 /// In one transaction: deletes the rules `select` picks, then runs `then` (more commands, may be
 /// empty). Returns the rules it deleted. A rule already gone is success (see the module doc).
 pub fn replace(
-    family: &str,
+    family: Family,
     table: &str,
     select: impl Fn(&Rule) -> bool,
-    then: &str,
+    then: &[Cmd],
 ) -> Result<Vec<Rule>, CniError> {
     let mut last = None;
     for _ in 0..ATTEMPTS {
@@ -107,24 +123,17 @@ pub fn replace(
         if victims.is_empty() && then.is_empty() {
             return Ok(victims);
         }
-        let mut script: String = victims
-            .iter()
-            .map(|r| {
-                format!(
-                    "delete rule {family} {table} {} handle {}\n",
-                    r.chain, r.handle
-                )
-            })
-            .collect();
-        script.push_str(then);
-        match nft::run(&["-f", "-"], Some(&script)) {
+        let mut cmds = delete_cmds(family, table, &victims);
+        cmds.extend_from_slice(then);
+        match nft::run(&["-j", "-f", "-"], Some(&model::script(&cmds))) {
             Ok(_) => return Ok(victims),
             Err(e) if e.is_not_found() && !victims.is_empty() => last = Some(e),
             Err(e) => return Err(CniError::internal(e.to_string())),
         }
     }
     Err(CniError::internal(format!(
-        "rules of {family} {table} kept changing while being deleted: {}",
+        "rules of {} {table} kept changing while being deleted: {}",
+        family.as_str(),
         last.map(|e| e.to_string()).unwrap_or_default()
     )))
 }
@@ -172,5 +181,20 @@ mod tests {
             ]
         );
         assert!(parse_rules(b"{nope").is_err());
+    }
+
+    #[test]
+    fn deletes_by_handle_in_the_listed_chain() {
+        let v = vec![Rule {
+            chain: "hostports".into(),
+            handle: 7,
+            comment: "k d4t80".into(),
+        }];
+        let cmds = delete_cmds(Family::Inet, "t", &v);
+        assert_eq!(
+            cmds.iter().map(Cmd::to_json).collect::<Vec<_>>(),
+            [serde_json::json!({"delete": {"rule": {
+                "family": "inet", "table": "t", "chain": "hostports", "handle": 7}}})]
+        );
     }
 }

@@ -1,8 +1,7 @@
 //! Runs the `nft` program: the one shell-out twilld's rules and the plugins' masquerade share.
 //!
-//! Scripts go in on stdin (`nft -f -`, or JSON built from the typed [`model`] with `nft -j -f -`)
-//! and arguments as argv, never through a shell; callers interpolate only typed or validated
-//! values into a script.
+//! Rules are built with the typed [`model`] and go in on stdin as JSON (`nft -j -f -`);
+//! arguments go as argv, never through a shell. Nothing twill applies is an nft text script.
 
 pub mod model;
 

@@ -68,6 +68,35 @@ pub enum Field {
     FibDaddrType,
     /// `meta l4proto`.
     L4proto,
+    /// `meta <key>` (`nfproto`, `iifname`, `mark`, …).
+    Meta(&'static str),
+    /// `<protocol> <field>` spelled out, for when the value does not tell the family (`ip6 saddr
+    /// { … }`) or the field has no variant of its own (`tcp sport`, `ip protocol`).
+    Payload(&'static str, &'static str),
+}
+
+/// A match's comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Eq,
+    Ne,
+    Lt,
+    Gt,
+    Le,
+    Ge,
+}
+
+impl Op {
+    fn as_str(self) -> &'static str {
+        match self {
+            Op::Eq => "==",
+            Op::Ne => "!=",
+            Op::Lt => "<",
+            Op::Gt => ">",
+            Op::Le => "<=",
+            Op::Ge => ">=",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,15 +104,28 @@ pub enum Val {
     Net(IpNetwork),
     Addr(IpAddr),
     Int(u64),
+    /// A symbol nft resolves by the field it is compared with (`local`, `ipv4`, `tcp`, an
+    /// interface name): a JSON string, never parsed as nft syntax.
     Str(String),
+    /// An anonymous set `{ a, b }`.
+    Set(Vec<Val>),
+    /// `lo-hi`.
+    Range(Box<Val>, Box<Val>),
+}
+
+/// nft's `meta nfproto` values: which family an inet-table rule applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NfProto {
+    Ipv4,
+    Ipv6,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expr {
-    /// `<field> == value` (or `!=` when `neg`).
+    /// `<field> <op> value`.
     Match {
         field: Field,
-        neg: bool,
+        op: Op,
         value: Val,
     },
     Accept,
@@ -93,17 +135,21 @@ pub enum Expr {
     Masquerade {
         fully_random: bool,
     },
+    /// `dnat ip to addr[:port]` / `dnat ip6 to [addr][:port]`; the family is the address's,
+    /// which an inet table requires.
     Dnat {
         addr: IpAddr,
         port: Option<u16>,
     },
+    /// `meta mark set meta mark | bits`.
+    MarkSetOr(u32),
 }
 
 impl Expr {
     pub fn is(field: Field, value: Val) -> Expr {
         Expr::Match {
             field,
-            neg: false,
+            op: Op::Eq,
             value,
         }
     }
@@ -111,9 +157,18 @@ impl Expr {
     pub fn is_not(field: Field, value: Val) -> Expr {
         Expr::Match {
             field,
-            neg: true,
+            op: Op::Ne,
             value,
         }
+    }
+
+    /// `meta nfproto ipv4|ipv6`: restricts a rule of an inet table to one family.
+    pub fn nfproto(p: NfProto) -> Expr {
+        let v = match p {
+            NfProto::Ipv4 => "ipv4",
+            NfProto::Ipv6 => "ipv6",
+        };
+        Expr::is(Field::Meta("nfproto"), Val::Str(v.into()))
     }
 }
 
@@ -139,11 +194,27 @@ pub enum Cmd {
         base: Option<Base>,
     },
     AddRule(Rule),
+    /// Adds the rule at the top of its chain.
+    InsertRule(Rule),
+    DeleteRule {
+        family: Family,
+        table: String,
+        chain: String,
+        handle: u64,
+    },
+    /// Removes every rule of the chain, keeps the chain.
+    FlushChain {
+        family: Family,
+        table: String,
+        name: String,
+    },
 }
 
 fn addr_family(v: &Val) -> &'static str {
     match v {
         Val::Net(IpNetwork::V6(_)) | Val::Addr(IpAddr::V6(_)) => "ip6",
+        Val::Set(items) => items.first().map_or("ip", addr_family),
+        Val::Range(lo, _) => addr_family(lo),
         _ => "ip",
     }
 }
@@ -154,12 +225,14 @@ fn val(v: &Val) -> Value {
         Val::Addr(a) => json!(a.to_string()),
         Val::Int(i) => json!(i),
         Val::Str(s) => json!(s),
+        Val::Set(items) => json!({ "set": items.iter().map(val).collect::<Vec<_>>() }),
+        Val::Range(lo, hi) => json!({ "range": [val(lo), val(hi)] }),
     }
 }
 
 fn expr(e: &Expr) -> Value {
     match e {
-        Expr::Match { field, neg, value } => {
+        Expr::Match { field, op, value } => {
             let left = match field {
                 Field::Saddr => {
                     json!({"payload": {"protocol": addr_family(value), "field": "saddr"}})
@@ -171,8 +244,10 @@ fn expr(e: &Expr) -> Value {
                 Field::Dport(proto) => json!({"payload": {"protocol": proto, "field": "dport"}}),
                 Field::FibDaddrType => json!({"fib": {"result": "type", "flags": ["daddr"]}}),
                 Field::L4proto => json!({"meta": {"key": "l4proto"}}),
+                Field::Meta(key) => json!({"meta": {"key": key}}),
+                Field::Payload(proto, f) => json!({"payload": {"protocol": proto, "field": f}}),
             };
-            json!({"match": {"op": if *neg { "!=" } else { "==" }, "left": left, "right": val(value)}})
+            json!({"match": {"op": op.as_str(), "left": left, "right": val(value)}})
         }
         Expr::Accept => json!({"accept": null}),
         Expr::Drop => json!({"drop": null}),
@@ -198,6 +273,10 @@ fn expr(e: &Expr) -> Value {
             }
             json!({ "dnat": m })
         }
+        Expr::MarkSetOr(bits) => json!({"mangle": {
+            "key": {"meta": {"key": "mark"}},
+            "value": {"|": [{"meta": {"key": "mark"}}, bits]}
+        }}),
     }
 }
 
@@ -246,6 +325,22 @@ impl Cmd {
                 json!({"add": {"chain": c}})
             }
             Cmd::AddRule(r) => json!({"add": {"rule": rule_obj(r)}}),
+            Cmd::InsertRule(r) => json!({"insert": {"rule": rule_obj(r)}}),
+            Cmd::DeleteRule {
+                family,
+                table,
+                chain,
+                handle,
+            } => json!({"delete": {"rule": {
+                "family": family.as_str(), "table": table, "chain": chain, "handle": handle
+            }}}),
+            Cmd::FlushChain {
+                family,
+                table,
+                name,
+            } => {
+                json!({"flush": {"chain": {"family": family.as_str(), "table": table, "name": name}}})
+            }
         }
     }
 }
@@ -338,6 +433,125 @@ mod tests {
         assert_eq!(
             doc["nftables"][0],
             json!({"add": {"table": {"family": "ip", "name": "t"}}})
+        );
+    }
+
+    #[test]
+    fn inet_matches_marks_dnat_and_jumps_render_to_nfts_json_schema() {
+        // Each as `nft -j list` shows what the nft text in the comment adds.
+        let m = |left: Value, op: &str, right: Value| json!({"match": {"op": op, "left": left, "right": right}});
+        // meta nfproto ipv6
+        assert_eq!(
+            expr(&Expr::nfproto(NfProto::Ipv6)),
+            m(json!({"meta": {"key": "nfproto"}}), "==", json!("ipv6"))
+        );
+        // fib daddr type local
+        assert_eq!(
+            expr(&Expr::is(Field::FibDaddrType, Val::Str("local".into()))),
+            m(
+                json!({"fib": {"result": "type", "flags": ["daddr"]}}),
+                "==",
+                json!("local")
+            )
+        );
+        // meta mark set meta mark | 0x2000
+        assert_eq!(
+            expr(&Expr::MarkSetOr(0x2000)),
+            json!({"mangle": {"key": {"meta": {"key": "mark"}},
+                              "value": {"|": [{"meta": {"key": "mark"}}, 8192]}}})
+        );
+        // dnat ip to 10.1.0.5:80 / dnat ip6 to [fd00::5]:80 (an inet table needs the family)
+        assert_eq!(
+            expr(&Expr::Dnat {
+                addr: "10.1.0.5".parse().unwrap(),
+                port: Some(80)
+            }),
+            json!({"dnat": {"family": "ip", "addr": "10.1.0.5", "port": 80}})
+        );
+        assert_eq!(
+            expr(&Expr::Dnat {
+                addr: "fd00::5".parse().unwrap(),
+                port: None
+            }),
+            json!({"dnat": {"family": "ip6", "addr": "fd00::5"}})
+        );
+        // jump hostports
+        assert_eq!(
+            expr(&Expr::Jump("hostports".into())),
+            json!({"jump": {"target": "hostports"}})
+        );
+        // ip6 saddr != { fd00::1, fd00::/64 } (family from the set's elements)
+        let set = Val::Set(vec![
+            Val::Addr("fd00::1".parse().unwrap()),
+            Val::Net("fd00::/64".parse().unwrap()),
+        ]);
+        assert_eq!(
+            expr(&Expr::is_not(Field::Saddr, set)),
+            m(
+                json!({"payload": {"protocol": "ip6", "field": "saddr"}}),
+                "!=",
+                json!({"set": ["fd00::1", {"prefix": {"addr": "fd00::", "len": 64}}]})
+            )
+        );
+        // tcp sport >= 1-5 (any op; ranges)
+        assert_eq!(
+            expr(&Expr::Match {
+                field: Field::Payload("tcp", "sport"),
+                op: Op::Ge,
+                value: Val::Range(Box::new(Val::Int(1)), Box::new(Val::Int(5))),
+            }),
+            m(
+                json!({"payload": {"protocol": "tcp", "field": "sport"}}),
+                ">=",
+                json!({"range": [1, 5]})
+            )
+        );
+        // iifname "eth0"
+        assert_eq!(
+            expr(&Expr::is(Field::Meta("iifname"), Val::Str("eth0".into())))["match"]["left"],
+            json!({"meta": {"key": "iifname"}})
+        );
+        for (o, s) in [(Op::Lt, "<"), (Op::Gt, ">"), (Op::Le, "<="), (Op::Eq, "==")] {
+            assert_eq!(o.as_str(), s);
+        }
+    }
+
+    #[test]
+    fn insert_delete_and_flush_commands() {
+        let r = Rule {
+            family: Family::Inet,
+            table: "t".into(),
+            chain: "c".into(),
+            exprs: vec![Expr::Accept],
+            comment: Some("k d4t80".into()),
+        };
+        // insert rule inet t c accept comment "k d4t80" (at the top of the chain)
+        assert_eq!(
+            Cmd::InsertRule(r).to_json(),
+            json!({"insert": {"rule": {"family": "inet", "table": "t", "chain": "c",
+                "comment": "k d4t80", "expr": [{"accept": null}]}}})
+        );
+        // delete rule inet t c handle 7
+        assert_eq!(
+            Cmd::DeleteRule {
+                family: Family::Inet,
+                table: "t".into(),
+                chain: "c".into(),
+                handle: 7
+            }
+            .to_json(),
+            json!({"delete": {"rule": {"family": "inet", "table": "t", "chain": "c", "handle": 7}}})
+        );
+        let chain = json!({"family": "inet", "table": "t", "name": "c"});
+        // flush chain inet t c
+        assert_eq!(
+            Cmd::FlushChain {
+                family: Family::Inet,
+                table: "t".into(),
+                name: "c".into()
+            }
+            .to_json(),
+            json!({"flush": {"chain": chain}})
         );
     }
 

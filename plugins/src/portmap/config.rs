@@ -123,6 +123,10 @@ impl PortMapConf {
         for c in conditions_v4.iter().chain(&conditions_v6) {
             check_condition(c)?;
         }
+        // The rules are typed JSON: conditions must parse into typed matches (see
+        // `conditions`), so a config nft would only refuse at ADD is refused here already.
+        super::conditions::parse(&conditions_v4)?;
+        super::conditions::parse(&conditions_v6)?;
         Ok(PortMapConf {
             snat: raw.snat.unwrap_or(true),
             masq_all: raw.masq_all.unwrap_or(false),
@@ -148,9 +152,9 @@ impl PortMapConf {
 }
 
 /// Conditions are nft match expressions (`ip daddr 192.0.2.0/24`, `iifname "eth0"` is not
-/// possible: quotes are refused) placed in front of every rule of their family. They go into an
-/// `nft -f` script, so anything that could end the rule or start another command (`;`, a
-/// newline, `#`, quotes, `$`, `@`, `\`) is refused.
+/// possible: quotes are refused) placed in front of every rule of their family. They are parsed
+/// into typed matches (`super::conditions`), never spliced into nft text; this first check keeps
+/// the message for characters no match has (`;`, a newline, `#`, quotes, `$`, `@`, `\`).
 fn check_condition(c: &str) -> Result<(), CniError> {
     let ok = !c.trim().is_empty()
         && c.bytes().all(|b| {

@@ -10,6 +10,7 @@
 //! - GC: deletes the rules of this network's attachments that are not in the valid list.
 //! - STATUS: nftables can take the table (a checked, not committed, transaction).
 
+pub mod conditions;
 pub mod config;
 pub mod conntrack;
 pub mod rules;
@@ -18,6 +19,7 @@ use std::net::IpAddr;
 
 use twill_common::cni::{code, Attachment, CniError, CniResult, Plugin, Request};
 use twill_common::nft;
+use twill_common::nft::model;
 
 use crate::bridge::link::routes;
 use crate::nft_rules::{self, Rule};
@@ -114,7 +116,7 @@ impl Plugin for Portmap {
             return Ok(prev);
         }
         let key = attachment_key(req);
-        let planned = rules::plan(&key, &conf, &t);
+        let planned = rules::plan(&key, &conf, &t)?;
         if planned.is_empty() {
             return Ok(prev);
         }
@@ -123,8 +125,8 @@ impl Plugin for Portmap {
                 enable_route_localnet(v4.ip())?;
             }
         }
-        let script = rules::add_script(&planned);
-        let old = nft_rules::replace(FAMILY, TABLE, |r| rules::key_of(&r.comment) == key, &script)?;
+        let cmds = rules::add_commands(&planned);
+        let old = nft_rules::replace(FAMILY, TABLE, |r| rules::key_of(&r.comment) == key, &cmds)?;
         let added: Vec<Rule> = planned
             .iter()
             .map(|p| Rule {
@@ -146,7 +148,7 @@ impl Plugin for Portmap {
             return Ok(());
         }
         let key = attachment_key(req);
-        let removed = nft_rules::replace(FAMILY, TABLE, |r| rules::key_of(&r.comment) == key, "")?;
+        let removed = nft_rules::replace(FAMILY, TABLE, |r| rules::key_of(&r.comment) == key, &[])?;
         flush_udp(&removed);
         Ok(())
     }
@@ -159,7 +161,7 @@ impl Plugin for Portmap {
             return Ok(());
         }
         let key = attachment_key(req);
-        let planned = rules::plan(&key, &conf, &t);
+        let planned = rules::plan(&key, &conf, &t)?;
         let have = nft_rules::list(FAMILY, TABLE)?;
         let jumps = ["prerouting", "output"].iter().all(|c| {
             have.iter()
@@ -167,7 +169,8 @@ impl Plugin for Portmap {
         });
         if !jumps {
             return Err(CniError::internal(format!(
-                "twill-portmap: the jump rules of table {FAMILY} {TABLE} are missing"
+                "twill-portmap: the jump rules of table {} {TABLE} are missing",
+                FAMILY.as_str()
             )));
         }
         let want = rules::signature(planned.iter().map(|p| (p.chain, p.comment.as_str())));
@@ -219,17 +222,21 @@ impl Plugin for Portmap {
                     && ours.iter().any(|p| k.starts_with(p.as_str()))
                     && !keep(k)
             },
-            "",
+            &[],
         )?;
         flush_udp(&removed);
         Ok(())
     }
 
     fn status(&self, _req: &Request) -> Result<(), CniError> {
-        nft::run(&["-c", "-f", "-"], Some(&rules::base_script())).map_err(|e| {
+        let script = model::script(&rules::base_commands());
+        nft::run(&["-j", "-c", "-f", "-"], Some(&script)).map_err(|e| {
             CniError::new(
                 code::NOT_AVAILABLE,
-                format!("twill-portmap: nftables cannot take table {FAMILY} {TABLE}: {e}"),
+                format!(
+                    "twill-portmap: nftables cannot take table {} {TABLE}: {e}",
+                    FAMILY.as_str()
+                ),
             )
         })?;
         Ok(())
