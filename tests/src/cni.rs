@@ -226,20 +226,6 @@ pub fn host_veths(node: &Netns) -> Vec<String> {
         .collect()
 }
 
-/// Polls `f` for up to `secs` seconds (the kernel finishes veth teardown asynchronously).
-pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        if f() {
-            return true;
-        }
-        if std::time::Instant::now() > end {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 /// The twill plugin binary `name` (built by `cargo build --workspace --bins`).
 pub fn twill(name: &str) -> PathBuf {
     crate::bins::bin(name)

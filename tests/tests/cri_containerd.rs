@@ -10,7 +10,7 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use twill_tests::cni::{eventually, host_veths, reservations};
+use twill_tests::cni::{host_veths, reservations};
 use twill_tests::containerd::{
     bin_dir_entries, cached_results, in_pod, installed_node_dirs, mounts_below, secs, Containerd,
     HostPort, PodProcess,
@@ -193,9 +193,10 @@ fn pods_on_two_nodes_reach_each_other_and_a_host_port() {
     for (from, to) in [(&ns_a, ip_b), (&ns_b, ip_a)] {
         let to = to.to_string();
         assert!(
-            eventually(15, || in_pod(from, &["ping", "-c1", "-W1", &to])
-                .status
-                .success()),
+            wait_for(
+                || in_pod(from, &["ping", "-c1", "-W1", &to]).status.success(),
+                Duration::from_secs(15)
+            ),
             "pod in {from} cannot reach {to}; twilld logs:\n{}\n{}",
             a.daemon.log(),
             b.daemon.log()
@@ -208,11 +209,14 @@ fn pods_on_two_nodes_reach_each_other_and_a_host_port() {
     let node_b = b.node.ip.to_string();
     let port = hp.host.to_string();
     let mut reply = String::new();
-    let reached = eventually(15, || {
-        let out = a.node.ns.output(&["python3", "-c", CLIENT, &node_b, &port]);
-        reply = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        reply.starts_with("twill-hostport")
-    });
+    let reached = wait_for(
+        || {
+            let out = a.node.ns.output(&["python3", "-c", CLIENT, &node_b, &port]);
+            reply = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            reply.starts_with("twill-hostport")
+        },
+        Duration::from_secs(15),
+    );
     assert!(
         reached,
         "hostPort {node_b}:{port} unreachable from {} (got {reply:?}, server exited: {:?}); \
@@ -289,7 +293,10 @@ fn ten_sandboxes_at_once_then_stop_and_remove_leave_nothing() {
 
     assert_eq!(rt.list_pods().expect("ListPodSandbox"), Vec::new());
     assert!(
-        eventually(10, || host_veths(&m.node.ns).is_empty()),
+        wait_for(
+            || host_veths(&m.node.ns).is_empty(),
+            Duration::from_secs(10)
+        ),
         "veths left: {:?}",
         host_veths(&m.node.ns)
     );
@@ -405,12 +412,14 @@ fn reboot_keeps_the_subnet_and_releases_the_old_pods_address() {
         reserved(&m, old_ip)
     );
     assert!(
-        eventually(10, || m
-            .node
-            .ns
-            .output(&["ping", "-c1", "-W1", &new_ip.to_string()])
-            .status
-            .success()),
+        wait_for(
+            || m.node
+                .ns
+                .output(&["ping", "-c1", "-W1", &new_ip.to_string()])
+                .status
+                .success(),
+            Duration::from_secs(10)
+        ),
         "the node cannot reach its new pod {new_ip}"
     );
 

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use twill_tests::cni::{eventually, harness_run, host_veths, reservations};
+use twill_tests::cni::{harness_run, host_veths, reservations};
 use twill_tests::etcd::Etcd;
 use twill_tests::netns::Netns;
 use twill_tests::underlay::{wait_for, Node, NodeDirs, Twilld, Underlay};
@@ -154,7 +154,10 @@ fn pod_lifecycle_through_libcni() {
     let networks = c.dirs.cni_data_dir().join("networks");
     assert_eq!(reservations(&networks, "twill"), Vec::<String>::new());
     assert!(
-        eventually(10, || host_veths(&c.node.ns).is_empty()),
+        wait_for(
+            || host_veths(&c.node.ns).is_empty(),
+            Duration::from_secs(10)
+        ),
         "veths left: {:?}",
         host_veths(&c.node.ns)
     );
@@ -203,7 +206,10 @@ fn parallel_pods_through_libcni_get_unique_addresses() {
     let networks = c.dirs.cni_data_dir().join("networks");
     assert_eq!(reservations(&networks, "twill"), Vec::<String>::new());
     assert!(
-        eventually(10, || host_veths(&c.node.ns).is_empty()),
+        wait_for(
+            || host_veths(&c.node.ns).is_empty(),
+            Duration::from_secs(10)
+        ),
         "veths left"
     );
 }

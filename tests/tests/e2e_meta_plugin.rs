@@ -8,11 +8,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
+use std::time::Duration;
 use twill_lab::runtime::{Attachment, NetworkList, Runtime};
 use twill_lab::Error;
 use twill_tests::bins;
-use twill_tests::cni::{eventually, host_veths};
+use twill_tests::cni::host_veths;
 use twill_tests::netns::Netns;
+use twill_tests::underlay::wait_for;
 
 const SUBNET_ENV: &str =
     "FLANNEL_NETWORK=10.250.0.0/16\nFLANNEL_SUBNET=10.250.3.1/24\nFLANNEL_MTU=1400\nFLANNEL_IPMASQ=true\n";
@@ -182,7 +184,10 @@ fn add_renders_saves_then_del_cleans_up() {
     assert!(!saved.exists(), "saved config removed after DEL");
     assert!(!node.reservation(&ip).exists(), "IP released");
     // The bridge frees the veth in a forked reaper after DEL returns.
-    assert!(eventually(10, || node.veths() == 0), "host veth removed");
+    assert!(
+        wait_for(|| node.veths() == 0, Duration::from_secs(10)),
+        "host veth removed"
+    );
     rt.del(Some(&list), &a).expect("repeated DEL succeeds");
 
     // DEL of a container twill never saw: no saved file is success.
@@ -252,7 +257,10 @@ fn failed_delegate_del_keeps_the_saved_config() {
         !node.reservation(&ip).exists(),
         "the retry released the IP (flannel leaks it)"
     );
-    assert!(eventually(10, || node.veths() == 0), "host veth removed");
+    assert!(
+        wait_for(|| node.veths() == 0, Duration::from_secs(10)),
+        "host veth removed"
+    );
 }
 
 #[test]
@@ -341,7 +349,7 @@ fn gc_deletes_stale_attachments_only() {
     rt.del(Some(&list), &keep).expect("DEL keep");
     // The stale pod's host veth goes with its netns, which the kernel tears down asynchronously.
     assert!(
-        eventually(10, || node.veths() == 0),
+        wait_for(|| node.veths() == 0, Duration::from_secs(10)),
         "veths left on the node"
     );
 }
@@ -378,7 +386,10 @@ fn failed_add_is_rolled_back_by_the_runtime_del() {
         "the first pod keeps its IP"
     );
     rt.del(Some(&list), &a1).expect("DEL");
-    assert!(eventually(10, || node.veths() == 0), "host veth removed");
+    assert!(
+        wait_for(|| node.veths() == 0, Duration::from_secs(10)),
+        "host veth removed"
+    );
 }
 
 /// Issue 9 item 8: a corrupt saved config used to make DEL succeed and leak the pod's eth0 and
@@ -422,7 +433,7 @@ fn corrupt_saved_config_fails_del_until_the_attachment_is_gone() {
     assert!(!saved.exists(), "the corrupt file is removed");
     rt.del(Some(&list), &a).expect("repeated DEL");
     assert!(
-        eventually(10, || node.veths() == 0),
+        wait_for(|| node.veths() == 0, Duration::from_secs(10)),
         "veth left on the node"
     );
 }

@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use serde_json::{json, Value};
-use twill_tests::cni::{eventually, exec, host_veths, reservations, twill, with_prev, Invocation};
+use std::time::Duration;
+use twill_tests::cni::{exec, host_veths, reservations, twill, with_prev, Invocation};
 use twill_tests::netns::Netns;
+use twill_tests::underlay::wait_for;
 
 fn conf(name: &str, bridge: &str, subnet: &str, data: &std::path::Path, masq: bool) -> Value {
     json!({
@@ -93,7 +95,7 @@ fn two_hundred_parallel_adds_then_dels_leave_nothing() {
     assert!(pods.iter().all(|p| !p.has_link("eth0")));
     // The kernel finishes the veth teardown in the background.
     assert!(
-        eventually(10, || host_veths(&node).is_empty()),
+        wait_for(|| host_veths(&node).is_empty(), Duration::from_secs(10)),
         "host veths left: {:?}",
         host_veths(&node)
     );
@@ -158,7 +160,10 @@ fn del_after_netns_is_gone_releases_ip_and_masquerade() {
     assert!(reservations(data.path(), "twgone").is_empty());
     assert!(masq_rules(&node).is_empty());
     drop(pod);
-    assert!(eventually(10, || host_veths(&node).is_empty()));
+    assert!(wait_for(
+        || host_veths(&node).is_empty(),
+        Duration::from_secs(10)
+    ));
 }
 
 #[test]
@@ -260,7 +265,10 @@ fn re_add_into_the_same_netns_right_after_del_reuses_name_and_address() {
         .exec(&["ip", "-4", "-o", "addr", "show", "dev", "eth0"])
         .contains("10.212.0.9/24"));
     assert!(
-        eventually(10, || parked(&pod) == 0 && host_veths(&node).len() == 1),
+        wait_for(
+            || parked(&pod) == 0 && host_veths(&node).len() == 1,
+            Duration::from_secs(10)
+        ),
         "parked links or host veths left: {} / {:?}",
         pod.exec(&["ip", "-o", "link", "show"]),
         host_veths(&node)
@@ -271,7 +279,10 @@ fn re_add_into_the_same_netns_right_after_del_reuses_name_and_address() {
     assert_eq!(masq_rules(&node).len(), 1);
     exec(Some(&node), &bin, &inv("DEL"), &with_prev(&c, &r)).ok();
     assert!(reservations(data.path(), "twreadd").is_empty());
-    assert!(eventually(10, || parked(&pod) == 0 && host_veths(&node).is_empty()));
+    assert!(wait_for(
+        || parked(&pod) == 0 && host_veths(&node).is_empty(),
+        Duration::from_secs(10)
+    ));
 }
 
 /// A reaper killed before it deleted its parked link (node reboot of the runtime, OOM) leaves a
@@ -301,8 +312,10 @@ fn del_sweeps_parked_links_a_killed_reaper_left_behind() {
     let r = exec(Some(&node), &bin, &inv("ADD"), &c).ok();
     exec(Some(&node), &bin, &inv("DEL"), &with_prev(&c, &r)).ok();
     assert!(
-        eventually(10, || !pod.has_link("twdeldead")
-            && host_veths(&node).is_empty()),
+        wait_for(
+            || !pod.has_link("twdeldead") && host_veths(&node).is_empty(),
+            Duration::from_secs(10)
+        ),
         "leftover parked link not swept: {} / {:?}",
         pod.exec(&["ip", "-o", "link", "show"]),
         host_veths(&node)
@@ -395,5 +408,8 @@ fn concurrent_dels_of_one_masqueraded_attachment_all_succeed() {
     )
     .ok();
     assert!(masq_rules(&node).is_empty());
-    assert!(eventually(10, || host_veths(&node).is_empty()));
+    assert!(wait_for(
+        || host_veths(&node).is_empty(),
+        Duration::from_secs(10)
+    ));
 }

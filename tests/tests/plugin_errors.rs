@@ -3,8 +3,10 @@
 #![cfg(feature = "root")]
 
 use serde_json::{json, Value};
-use twill_tests::cni::{eventually, exec, snapshot, twill, Invocation, Reply};
+use std::time::Duration;
+use twill_tests::cni::{exec, snapshot, twill, Invocation, Reply};
 use twill_tests::netns::Netns;
+use twill_tests::underlay::wait_for;
 
 fn base(data: &std::path::Path) -> Value {
     json!({
@@ -28,7 +30,7 @@ fn expect(
     code: u64,
     call: impl FnOnce() -> Reply,
 ) {
-    assert!(eventually(5, || settled(node)));
+    assert!(wait_for(|| settled(node), Duration::from_secs(5)));
     let before = (snapshot(node, data), snapshot(pod, data));
     let r = call();
     assert_eq!(r.err_code(), code, "{what}: {}", r.stdout);
@@ -191,11 +193,13 @@ fn bad_inputs_give_their_codes_and_change_nothing() {
     )
     .ok();
     // The veth teardown finishes in the background; let the bridge lose its last port first.
-    assert!(eventually(10, || twill_tests::cni::host_veths(&node)
-        .is_empty()
-        && node
-            .exec(&["ip", "link", "show", "twerrbr0"])
-            .contains("NO-CARRIER")));
+    assert!(wait_for(
+        || twill_tests::cni::host_veths(&node).is_empty()
+            && node
+                .exec(&["ip", "link", "show", "twerrbr0"])
+                .contains("NO-CARRIER"),
+        Duration::from_secs(10)
+    ));
     // Requested IP that is the gateway, and one outside every range.
     let mut req = ok.clone();
     req["args"] = json!({"cni": {"ips": ["10.220.0.1"]}});

@@ -4,13 +4,15 @@
 #![cfg(feature = "root")]
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use twill_tests::bins::{target_dir, REFERENCE_CNI_DIR};
 use twill_tests::cni::{
-    eventually, exec, harness_run, host_veths, reference, reservations, twill, Invocation, Reply,
+    exec, harness_run, host_veths, reference, reservations, twill, Invocation, Reply,
 };
 use twill_tests::netns::Netns;
+use twill_tests::underlay::wait_for;
 
 fn write_conflist(dir: &Path, list: &Value) {
     std::fs::write(dir.join("10-test.conflist"), list.to_string()).unwrap();
@@ -144,7 +146,10 @@ fn reference_portmap_chained_after_twill_bridge() {
         "portmap rules removed"
     );
     assert!(lc.reservations("twpm").is_empty());
-    assert!(eventually(10, || host_veths(node).is_empty()));
+    assert!(wait_for(
+        || host_veths(node).is_empty(),
+        Duration::from_secs(10)
+    ));
 }
 
 #[test]

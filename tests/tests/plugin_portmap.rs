@@ -12,9 +12,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 
 use serde_json::{json, Map, Value};
+use std::time::Duration;
 use twill_lab::runtime::{Attachment, NetworkList, Runtime};
 use twill_tests::cni::{self, exec, Invocation};
 use twill_tests::netns::{veth_pair, Netns};
+use twill_tests::underlay::wait_for;
 
 const NODE_IP: &str = "192.0.2.1";
 const OTHER_IP: &str = "192.0.2.2";
@@ -803,7 +805,10 @@ fn killed_add_then_del_leaves_nothing() {
         // An nft the plugin had started finishes its transaction on its own; the runtime's DEL
         // comes after the ADD's (killed) process is gone, here after its nft too.
         assert!(
-            cni::eventually(30, || nft_processes_in(&node).is_empty()),
+            wait_for(
+                || nft_processes_in(&node).is_empty(),
+                Duration::from_secs(30)
+            ),
             "nft still running"
         );
         if !attachment_comments(&node, &id).is_empty() {
