@@ -270,6 +270,10 @@ pub struct Daemon<S: SubnetStore, B: Backend, R: Rules, H: Host> {
     readiness: Readiness,
     conflist: cni_conf::Desired,
     shadowed_by: Option<String>,
+    /// A full listing of the leases has been applied. Until then `leases` is empty, not the
+    /// cluster: a reconcile pass must not take that for "no peers" and delete the routes a
+    /// previous run left (a restart under load, or etcd slow to list, outlasts a tick).
+    listed: bool,
 }
 
 impl<S: SubnetStore, B: Backend, R: Rules, H: Host> Daemon<S, B, R, H> {
@@ -303,6 +307,7 @@ impl<S: SubnetStore, B: Backend, R: Rules, H: Host> Daemon<S, B, R, H> {
             readiness: Readiness::default(),
             conflist: cni_conf::Desired::default(),
             shadowed_by: None,
+            listed: false,
         }
     }
 
@@ -598,6 +603,11 @@ impl<S: SubnetStore, B: Backend, R: Rules, H: Host> Daemon<S, B, R, H> {
 
     /// Full sync: guard, then reconcile the kernel against what passed.
     async fn sync_peers(&mut self) {
+        if !self.listed {
+            self.readiness
+                .set_missing(Part::Peers, "waiting for the first listing of leases");
+            return;
+        }
         self.refresh_view().await;
         self.accepted = self.screen();
         if !self.readiness.is_ok(Part::Device) {
@@ -768,6 +778,7 @@ impl<S: SubnetStore, B: Backend, R: Rules, H: Host> Daemon<S, B, R, H> {
                 self.leases.insert(l.subnet, l);
             }
         }
+        self.listed = true;
         self.judge_own(stored_own).await?;
         self.check_mac_clash().await;
         self.sync_peers().await;
@@ -1281,6 +1292,35 @@ mod tests {
         fn own(&self) -> Lease {
             self.d.own.clone().unwrap()
         }
+    }
+
+    #[tokio::test]
+    async fn a_pass_before_the_first_listing_keeps_the_routes_a_previous_run_left() {
+        // A restart: the kernel still holds the peer a previous twilld programmed.
+        let kept = peer("10.5.7.0/24", 7);
+        let mut programmed = HashMap::new();
+        programmed.insert(kept.subnet, kept.clone());
+        let mut r = rig(FakeBackend {
+            programmed,
+            ..Default::default()
+        });
+        r.store.put(kept.clone());
+        r.d.start().await.unwrap();
+        // The watch's listing is slow: a reconcile tick comes first.
+        r.tick().await;
+        assert!(
+            r.d.backend.programmed.contains_key(&kept.subnet),
+            "a pass before the first listing deleted the peer's route"
+        );
+        assert!(!r.metrics.is_ready());
+        assert!(r
+            .metrics
+            .readiness_body()
+            .contains("waiting for the first listing of leases"));
+        r.snapshot().await;
+        assert!(r.d.backend.programmed.contains_key(&kept.subnet));
+        r.tick().await;
+        assert!(r.d.backend.programmed.contains_key(&kept.subnet));
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 //! 1. twill-bridge + twill-host-local against Debian's reference bridge + host-local;
 //! 2. the hostPort chain: the same twill bridge + IPAM followed by twill-portmap against the
 //!    same chain with the reference portmap, every pod mapping its own host port.
+//!
 //! Prints ADD and DEL p50/p90 per side and the twill/reference ratios, then the binary sizes.
 //!
 //! Run as root after `cargo build --release --workspace --bins`:
