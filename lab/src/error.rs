@@ -21,6 +21,13 @@ pub enum Error {
         code: Option<u64>,
         detail: String,
     },
+    /// A CRI call to a containerd failed.
+    #[error("CRI {call}: {code:?}: {message}")]
+    Cri {
+        call: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
     #[error("{0}")]
     Lab(String),
     #[error("timed out after {secs} s waiting for {what}")]

@@ -11,13 +11,19 @@
 //! Everything the lab creates is recorded in `<root>/<lab>/lab.json` *before* it is created,
 //! so `down` can remove a half-built lab; processes are stopped by recorded PID + start time.
 
+pub mod addr;
 pub mod bench;
 pub mod bins;
+pub mod containerd;
 pub mod error;
 pub mod etcd;
 pub mod probe;
 pub mod process;
+pub mod ready;
+pub mod routemon;
 pub mod runtime;
+mod sandboxes;
+pub mod scale;
 mod table;
 
 use std::net::Ipv4Addr;
@@ -55,6 +61,9 @@ pub const PLUGINS: &[&str] = &[
     "twill-loopback",
     "twill-portmap",
 ];
+/// Plugins `twilld install-cni` installs under another name when the node has none:
+/// containerd attaches a `loopback` network to every sandbox (`--runtime containerd`).
+pub const FALLBACK_PLUGINS: &[(&str, &str)] = &[("loopback", "twill-loopback")];
 /// The loopback network containerd sets up in every pod before the pod network.
 pub const LOOPBACK_CONFLIST: &str =
     r#"{"cniVersion":"0.3.1","name":"cni-loopback","plugins":[{"type":"twill-loopback"}]}"#;
@@ -72,6 +81,14 @@ pub struct LabOptions {
     pub network: String,
     /// Run twilld with `--ip-masq` (as kube-flannel does).
     pub ip_masq: bool,
+    /// What attaches the pods: the lab's own CNI runtime or a containerd per node.
+    #[serde(default)]
+    pub runtime: runtime::Kind,
+    /// twilld's `--reconcile-interval` in seconds (None: twilld's default, 10 s). On one
+    /// machine every pass's neighbour dump walks the kernel's one neighbour table, which holds
+    /// every node's entries: O(N) per pass per node, O(N²) for the lab (see capacity.md).
+    #[serde(default)]
+    pub reconcile_interval: Option<u64>,
 }
 
 impl LabOptions {
@@ -83,6 +100,8 @@ impl LabOptions {
             bin_src: bins::target_dir(),
             network: "10.244.0.0/16".to_string(),
             ip_masq: true,
+            runtime: runtime::Kind::Lab,
+            reconcile_interval: None,
         }
     }
 
@@ -94,10 +113,13 @@ impl LabOptions {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeRec {
     pub name: String,
-    pub index: u8,
+    pub index: u32,
     pub ns: String,
     pub ip: Ipv4Addr,
     pub daemon: Option<Proc>,
+    /// The node's containerd (`--runtime containerd`), see [`containerd::Record`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containerd: Option<containerd::Record>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,6 +129,9 @@ pub struct PodRec {
     pub ns: String,
     pub container_id: String,
     pub ip: Option<Ipv4Addr>,
+    /// The CRI sandbox ID of a containerd pod; `ns` is then the sandbox's netns path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -118,7 +143,7 @@ struct State {
     pods: Vec<PodRec>,
     /// Namespaces made for other purposes (bench), removed by `down` too.
     extra_ns: Vec<String>,
-    next_index: u8,
+    next_index: u32,
 }
 
 /// A node's readiness as a kubelet would see it.
@@ -192,6 +217,107 @@ fn del_netns(ns: &str) -> Result<()> {
     Ok(())
 }
 
+/// Port of every twilld's /healthz, /readyz and /metrics, on 127.0.0.1 inside its node's
+/// namespace (so the same port on every node).
+pub const HEALTHZ_PORT: u16 = 10260;
+/// Threads building nodes at once: each mostly waits for `ip` and the kernel.
+const NODE_WORKERS: usize = 16;
+
+/// Writes sysctls (paths under /proc/sys) inside namespace `ns` only, from a thread that
+/// entered it: /proc/sys/net follows the opening thread's namespace.
+fn write_sysctls(ns: &str, kv: &[(&str, &str)]) -> Result<()> {
+    let kv: Vec<(String, String)> = kv
+        .iter()
+        .map(|(k, v)| (format!("/proc/sys/{k}"), v.to_string()))
+        .collect();
+    probe::in_netns(ns, move || {
+        for (k, v) in &kv {
+            std::fs::write(k, v)?;
+        }
+        Ok(())
+    })
+}
+
+/// Lets etcd (and the lab's own sockets) hold one descriptor per node: the soft limit up to
+/// the hard one, for this process and what it starts. The host's hard limit is not changed.
+fn raise_nofile_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
+/// Runs `ip [-n ns] -batch -` with `lines` on stdin: one process for many changes.
+fn ip_batch(ns: Option<&str>, lines: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut cmd = std::process::Command::new("ip");
+    if let Some(ns) = ns {
+        cmd.args(["-n", ns]);
+    }
+    let mut child = cmd
+        .args(["-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(io("ip"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(lines.as_bytes()).map_err(io("ip -batch"))?;
+    }
+    let out = child.wait_with_output().map_err(io("ip -batch"))?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            cmd: format!(
+                "ip {} -batch",
+                ns.map(|n| format!("-n {n}")).unwrap_or_default()
+            ),
+            detail: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Runs `f` over `items` on up to `workers` threads; results in the items' order.
+pub(crate) fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    workers: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers.clamp(1, items.len().max(1)))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        mine.push((i, f(item)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
 impl Lab {
     fn state_file(opts: &LabOptions) -> PathBuf {
         opts.state_dir().join("lab.json")
@@ -254,9 +380,28 @@ impl Lab {
         lab.save()?;
         let ul = lab.st.underlay_ns.clone();
         add_netns(&ul)?;
+        // Nothing on the underlay speaks IPv6: without it the bridge keeps no IPv6 neighbours
+        // and answers none of the nodes' router solicitations.
+        write_sysctls(
+            &ul,
+            &[
+                ("net/ipv6/conf/all/disable_ipv6", "1"),
+                ("net/ipv6/conf/default/disable_ipv6", "1"),
+            ],
+        )?;
+        raise_nofile_limit();
         run_in(
             &ul,
-            &["ip", "link", "add", UNDERLAY_BRIDGE, "type", "bridge"],
+            &[
+                "ip",
+                "link",
+                "add",
+                UNDERLAY_BRIDGE,
+                "address",
+                &addr::mac_str(addr::BRIDGE_MAC),
+                "type",
+                "bridge",
+            ],
         )?;
         run_in(
             &ul,
@@ -264,7 +409,7 @@ impl Lab {
                 "ip",
                 "addr",
                 "add",
-                &format!("{ETCD_IP}/24"),
+                &format!("{ETCD_IP}/{}", addr::UNDERLAY_PREFIX),
                 "dev",
                 UNDERLAY_BRIDGE,
             ],
@@ -278,6 +423,45 @@ impl Lab {
 
     pub fn name(&self) -> &str {
         &self.st.opts.name
+    }
+
+    pub fn options(&self) -> &LabOptions {
+        &self.st.opts
+    }
+
+    /// etcd's PID while it runs.
+    pub fn etcd_pid(&self) -> Option<i32> {
+        self.st.etcd.as_ref().filter(|p| p.alive()).map(|p| p.pid)
+    }
+
+    /// Stops every twilld at once (SIGTERM from parallel threads), then starts them all again
+    /// at once: a renewal storm. Does not wait for Ready.
+    pub fn restart_daemons_at_once(&mut self) -> Result<()> {
+        let procs: Vec<Proc> = self
+            .st
+            .nodes
+            .iter()
+            .filter_map(|n| n.daemon.clone())
+            .collect();
+        parallel_map(&procs, procs.len().max(1), |p| {
+            p.stop(Duration::from_secs(10))
+        });
+        for n in &mut self.st.nodes {
+            n.daemon = None;
+        }
+        let recs = self.st.nodes.clone();
+        let spawned = parallel_map(&recs, NODE_WORKERS, |r| self.spawn_daemon(r));
+        let mut first_err = None;
+        for (r, res) in recs.iter().zip(spawned) {
+            match res {
+                Ok(p) => self.node_mut(&r.name)?.daemon = Some(p),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        self.save()?;
+        first_err.map_or(Ok(()), Err)
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -392,54 +576,144 @@ impl Lab {
 
     /// Adds a node namespace on the underlay and starts its twilld. Returns the node name.
     pub fn add_node(&mut self) -> Result<String> {
-        let index = self.st.next_index;
-        if index > 200 {
-            return Err(Error::Lab("the underlay holds at most 200 nodes".into()));
+        let mut added = self.add_nodes(1)?;
+        added
+            .pop()
+            .map(|(n, _)| n)
+            .ok_or_else(|| Error::Lab("no node was added".into()))
+    }
+
+    /// Adds `count` nodes: records them (one state write), builds their namespaces from
+    /// [`NODE_WORKERS`] threads, plugs them into the underlay in one batch and starts every
+    /// twilld. Returns the node names with the instant each twilld was started.
+    pub fn add_nodes(&mut self, count: usize) -> Result<Vec<(String, Instant)>> {
+        if count == 0 {
+            return Ok(Vec::new());
         }
-        let name = format!("node{index}");
-        let ns = format!("{}-{}", self.name(), name);
-        let ip = Ipv4Addr::new(192, 168, 100, index);
-        check_free(&ns)?;
-        self.st.next_index += 1;
-        self.st.nodes.push(NodeRec {
-            name: name.clone(),
-            index,
-            ns: ns.clone(),
-            ip,
-            daemon: None,
-        });
+        let first = self.st.next_index;
+        let last = first.saturating_add(count as u32 - 1);
+        if addr::node_ip(last).is_none() {
+            return Err(Error::Lab(format!(
+                "the underlay holds at most {} nodes",
+                addr::MAX_NODES
+            )));
+        }
+        let mut recs = Vec::with_capacity(count);
+        for index in first..=last {
+            let name = format!("node{index}");
+            let ns = format!("{}-{}", self.name(), name);
+            check_free(&ns)?;
+            let ip = addr::node_ip(index)
+                .ok_or_else(|| Error::Lab(format!("no underlay address for node {index}")))?;
+            recs.push(NodeRec {
+                name,
+                index,
+                ns,
+                ip,
+                daemon: None,
+                containerd: None,
+            });
+        }
+        self.st.next_index = last + 1;
+        self.st.nodes.extend(recs.iter().cloned());
         self.save()?;
 
-        add_netns(&ns)?;
-        self.plug_into_underlay(&ns, &format!("ul-{name}"), ip)?;
-        run_in(
-            &ns,
-            &["ip", "route", "add", "default", "via", &ETCD_IP.to_string()],
-        )?;
-        run_in(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        let adds: String = recs
+            .iter()
+            .map(|r| format!("netns add {}\n", r.ns))
+            .collect();
+        ip_batch(None, &adds)?;
+        let ul = self.st.underlay_ns.clone();
+        let built = parallel_map(&recs, NODE_WORKERS, |r| self.build_node(r, &ul));
+        if built.len() != recs.len() {
+            return Err(Error::Lab("a node-building thread panicked".into()));
+        }
+        built.into_iter().collect::<Result<Vec<()>>>()?;
+        // The bridge side of every node at once: port up, permanent neighbour entry.
+        let ports: String = recs
+            .iter()
+            .map(|r| {
+                format!(
+                    "link set ul-{} master {UNDERLAY_BRIDGE} up\n\
+                     neigh replace {} lladdr {} nud permanent dev {UNDERLAY_BRIDGE}\n",
+                    r.name,
+                    r.ip,
+                    addr::mac_str(addr::node_mac(r.index))
+                )
+            })
+            .collect();
+        ip_batch(Some(&ul), &ports)?;
 
+        let spawned = parallel_map(&recs, NODE_WORKERS, |r| {
+            self.spawn_daemon(r).map(|p| (p, Instant::now()))
+        });
+        let mut out = Vec::with_capacity(recs.len());
+        let mut first_err = None;
+        for (r, res) in recs.iter().zip(spawned) {
+            match res {
+                Ok((proc, t)) => {
+                    self.node_mut(&r.name)?.daemon = Some(proc);
+                    out.push((r.name.clone(), t));
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        self.save()?;
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        if self.st.opts.runtime == runtime::Kind::Containerd {
+            // Waited for on first use (ready_containerds): they start while twilld leases.
+            let names: Vec<String> = out.iter().map(|(n, _)| n.clone()).collect();
+            self.spawn_containerds(&names)?;
+        }
+        Ok(out)
+    }
+
+    /// A node's own side: sysctls, lo, the veth into the underlay (peer moved straight into the
+    /// underlay namespace, so nothing ever appears in the root namespace), address, default
+    /// route and a permanent entry for etcd (see [`addr`]), then its dirs and plugin links.
+    fn build_node(&self, r: &NodeRec, ul: &str) -> Result<()> {
+        write_sysctls(&r.ns, &[("net/ipv4/ip_forward", "1")])?;
+        let batch = format!(
+            "link set lo up\n\
+             link add {NODE_IF} address {mac} type veth peer name ul-{name} netns {ul}\n\
+             addr add {ip}/{len} dev {NODE_IF}\n\
+             link set {NODE_IF} up\n\
+             route add default via {ETCD_IP}\n\
+             neigh replace {ETCD_IP} lladdr {brmac} nud permanent dev {NODE_IF}\n",
+            mac = addr::mac_str(addr::node_mac(r.index)),
+            name = r.name,
+            ip = r.ip,
+            len = addr::UNDERLAY_PREFIX,
+            brmac = addr::mac_str(addr::BRIDGE_MAC),
+        );
+        ip_batch(Some(&r.ns), &batch)?;
+        let name = &r.name;
         for d in [
-            self.node_dir(&name),
-            self.conf_dir(&name),
-            self.bin_dir(&name),
-            self.data_dir(&name),
-            self.daemon_state_dir(&name),
+            self.node_dir(name),
+            self.conf_dir(name),
+            self.bin_dir(name),
+            self.data_dir(name),
+            self.daemon_state_dir(name),
         ] {
             ensure_dir(&d, 0o700).map_err(io(&d))?;
         }
-        let bin = self.bin_dir(&name);
-        let sources = PLUGINS.iter().map(|p| self.st.opts.bin_src.join(p));
-        for src in sources {
-            let Some(file) = src.file_name() else {
-                continue;
-            };
+        let bin = self.bin_dir(name);
+        let links = PLUGINS
+            .iter()
+            .map(|p| (*p, *p))
+            .chain(FALLBACK_PLUGINS.iter().copied());
+        for (file, src) in links {
+            let src = self.st.opts.bin_src.join(src);
             let link = bin.join(file);
             if src.is_file() && !link.exists() {
                 std::os::unix::fs::symlink(&src, &link).map_err(io(&link))?;
             }
         }
-        self.start_daemon(&name)?;
-        Ok(name)
+        Ok(())
     }
 
     /// Starts the node's twilld (no-op while it runs).
@@ -448,6 +722,17 @@ impl Lab {
         if rec.daemon.as_ref().is_some_and(Proc::alive) {
             return Ok(());
         }
+        let proc = self.spawn_daemon(&rec)?;
+        self.node_mut(node)?.daemon = Some(proc);
+        self.save()
+    }
+
+    /// Starts a twilld in the node's namespace. `nsenter --net` enters only the network
+    /// namespace and execs twilld (the PID is twilld's); `ip netns exec` would also give every
+    /// daemon a mount namespace of its own, into which each later `ip netns add` propagates —
+    /// O(N) mount work per node, O(N²) for a lab.
+    fn spawn_daemon(&self, rec: &NodeRec) -> Result<Proc> {
+        let node = rec.name.as_str();
         let twilld = self.st.opts.bin_src.join("twilld").display().to_string();
         let ep = self.etcd_endpoint();
         let subnet = self.subnet_file(node).display().to_string();
@@ -455,7 +740,11 @@ impl Lab {
         let bin = self.bin_dir(node).display().to_string();
         let data = self.data_dir(node).display().to_string();
         let state = self.daemon_state_dir(node).display().to_string();
+        let netns = format!("--net=/run/netns/{}", rec.ns);
+        let port = HEALTHZ_PORT.to_string();
         let mut argv = vec![
+            "nsenter",
+            netns.as_str(),
             twilld.as_str(),
             "--etcd-endpoints",
             &ep,
@@ -471,18 +760,17 @@ impl Lab {
             &data,
             "--state-dir",
             &state,
+            "--healthz-port",
+            &port,
         ];
         if self.st.opts.ip_masq {
             argv.push("--ip-masq");
         }
-        let proc = Proc::spawn_in(
-            &rec.ns,
-            &argv,
-            &[("RUST_LOG", "info")],
-            &self.daemon_log(node),
-        )?;
-        self.node_mut(node)?.daemon = Some(proc);
-        self.save()
+        let interval = self.st.opts.reconcile_interval.map(|s| s.to_string());
+        if let Some(i) = &interval {
+            argv.extend(["--reconcile-interval", i.as_str()]);
+        }
+        Proc::spawn(&argv, &[("RUST_LOG", "info")], &self.daemon_log(node))
     }
 
     /// Stops the node's twilld by PID (SIGTERM, then SIGKILL after 10 s).
@@ -594,6 +882,9 @@ impl Lab {
             })
             .unwrap_or(1);
         let name = format!("pod{k}");
+        if self.st.opts.runtime == runtime::Kind::Containerd {
+            return self.add_sandbox(node, name);
+        }
         let ns = format!("{}-{}", rec.ns, name);
         let mut pod = PodRec {
             node: node.to_string(),
@@ -601,6 +892,7 @@ impl Lab {
             container_id: ns.clone(),
             ns: ns.clone(),
             ip: None,
+            sandbox: None,
         };
         check_free(&ns)?;
         self.st.pods.push(pod.clone());
@@ -645,6 +937,9 @@ impl Lab {
     /// CHECK a pod's attachment with the cached result.
     pub fn check_pod(&self, node: &str, pod: &str) -> Result<()> {
         let p = self.pod(node, pod)?;
+        if p.is_sandbox() {
+            return self.check_sandbox(&p);
+        }
         let list = self.network(node)?;
         self.runtime(self.node(node)?)
             .check(&list, &self.attachment(&p))
@@ -653,6 +948,9 @@ impl Lab {
     /// DEL a pod through the chain (cached config and result), then remove its netns.
     pub fn del_pod(&mut self, node: &str, pod: &str) -> Result<()> {
         let p = self.pod(node, pod)?;
+        if p.is_sandbox() {
+            return self.del_sandbox(&p);
+        }
         let rec = self.node(node)?.clone();
         let list = self.network(node).ok();
         let rt = self.runtime(&rec);
@@ -694,6 +992,7 @@ impl Lab {
 
     /// A node leaves: its twilld stops, its lease is deleted, its pods and namespace go.
     pub fn remove_node(&mut self, node: &str) -> Result<()> {
+        self.stop_containerd(node)?;
         self.stop_daemon(node)?;
         self.delete_lease(node)?;
         let pods: Vec<PodRec> = self
@@ -704,7 +1003,9 @@ impl Lab {
             .cloned()
             .collect();
         for p in pods {
-            del_netns(&p.ns)?;
+            if !p.is_sandbox() {
+                del_netns(&p.ns)?;
+            }
             self.st.pods.retain(|x| x.ns != p.ns);
         }
         let ns = self.node(node)?.ns.clone();
@@ -732,7 +1033,14 @@ impl Lab {
         )?;
         run_in(
             ns,
-            &["ip", "addr", "add", &format!("{ip}/24"), "dev", NODE_IF],
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{ip}/{}", addr::UNDERLAY_PREFIX),
+                "dev",
+                NODE_IF,
+            ],
         )?;
         run_in(ns, &["ip", "link", "set", NODE_IF, "up"]).map(drop)
     }
@@ -787,18 +1095,104 @@ impl Lab {
         Ok(())
     }
 
-    /// Ping + TCP between every ordered pair of pods (`[i][j]` is pods()[i] → pods()[j]).
-    pub fn matrix(&self) -> Result<Vec<Vec<Option<probe::Reach>>>> {
-        let eps: Vec<(String, Ipv4Addr)> = self
-            .st
+    /// Waits until every started node is Ready, from one inotify watch on all their conf dirs
+    /// (no per-node polling); `on_ready(node, time since its twilld started)` as each turns
+    /// Ready. Fails when a pending node's twilld exits (checked every 2 s) or after `secs`.
+    pub fn wait_ready_many(
+        &self,
+        started: &[(String, Instant)],
+        secs: u64,
+        mut on_ready: impl FnMut(&str, Duration),
+    ) -> Result<Vec<Duration>> {
+        let mut watch = ready::ConfWatch::new()?;
+        for (i, (n, _)) in started.iter().enumerate() {
+            watch.add(&self.conf_dir(n), i)?;
+        }
+        let is_ready = |i: usize| {
+            matches!(
+                NetworkList::load_first(&self.conf_dir(&started[i].0)),
+                Ok(Some(_))
+            )
+        };
+        let mut got: Vec<Option<Duration>> = vec![None; started.len()];
+        let mut left = started.len();
+        let mut mark = |i: usize, got: &mut Vec<Option<Duration>>, left: &mut usize| {
+            if got[i].is_none() && is_ready(i) {
+                let d = started[i].1.elapsed();
+                got[i] = Some(d);
+                *left -= 1;
+                on_ready(&started[i].0, d);
+            }
+        };
+        // Nodes that turned Ready before the watch was in place.
+        for i in 0..started.len() {
+            mark(i, &mut got, &mut left);
+        }
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut checked = Instant::now();
+        while left > 0 {
+            for i in watch.wait(Duration::from_millis(200)) {
+                mark(i, &mut got, &mut left);
+            }
+            if left == 0 {
+                break;
+            }
+            if checked.elapsed() >= Duration::from_secs(2) {
+                checked = Instant::now();
+                if let Some(i) = (0..started.len())
+                    .find(|i| got[*i].is_none() && self.daemon_pid(&started[*i].0).is_none())
+                {
+                    let n = &started[i].0;
+                    return Err(Error::Lab(format!(
+                        "twilld of {n} exited; see {}",
+                        self.daemon_log(n).display()
+                    )));
+                }
+            }
+            if Instant::now() > deadline {
+                let first = (0..started.len())
+                    .find(|i| got[*i].is_none())
+                    .map(|i| started[i].0.clone())
+                    .unwrap_or_default();
+                return Err(Error::Timeout {
+                    what: format!("{left} nodes to become Ready (first: {first})"),
+                    secs,
+                });
+            }
+        }
+        Ok(got.into_iter().flatten().collect())
+    }
+
+    /// Connectivity between pods: the full matrix for a few pods, else sampled ordered pairs
+    /// (every node's first pod appears as a source or a destination where the sample allows).
+    pub fn probe_report(&self) -> Result<String> {
+        if self.st.pods.is_empty() {
+            return Ok(String::new());
+        }
+        if self.st.pods.len() <= MATRIX_PODS {
+            let m = self.matrix()?;
+            return Ok(self.matrix_table(&m));
+        }
+        let eps = self.endpoints()?;
+        let pairs = probe::sample_pairs(eps.len(), SAMPLED_PAIRS);
+        let reach = probe::pairs(&eps, &pairs)?;
+        Ok(table::sampled(self, &pairs, &reach))
+    }
+
+    fn endpoints(&self) -> Result<Vec<(String, Ipv4Addr)>> {
+        self.st
             .pods
             .iter()
             .map(|p| {
                 p.ip.map(|ip| (p.ns.clone(), ip))
                     .ok_or_else(|| Error::Lab(format!("pod {}/{} has no IP", p.node, p.name)))
             })
-            .collect::<Result<_>>()?;
-        probe::matrix(&eps)
+            .collect()
+    }
+
+    /// Ping + TCP between every ordered pair of pods (`[i][j]` is pods()[i] → pods()[j]).
+    pub fn matrix(&self) -> Result<Vec<Vec<Option<probe::Reach>>>> {
+        probe::matrix(&self.endpoints()?)
     }
 
     /// Text of the node table.
@@ -819,19 +1213,26 @@ impl Lab {
     /// Removes everything the lab made: processes by PID, namespaces, the state dir.
     /// Safe to run on a half-built lab and to run twice.
     pub fn down(self) -> Result<()> {
-        for n in &self.st.nodes {
-            if let Some(p) = &n.daemon {
-                p.stop(Duration::from_secs(10));
-            }
-        }
+        // Sandboxes first: their CNI DEL runs while the nodes are as they were.
+        let mut errors = self.teardown_containerds();
+        // All daemons at once: one after the other, a loaded 1,000-node lab takes minutes.
+        let daemons: Vec<Proc> = self
+            .st
+            .nodes
+            .iter()
+            .filter_map(|n| n.daemon.clone())
+            .collect();
+        parallel_map(&daemons, daemons.len().clamp(1, 256), |p| {
+            p.stop(Duration::from_secs(10))
+        });
         if let Some(p) = &self.st.etcd {
             p.stop(Duration::from_secs(5));
         }
-        let mut errors = Vec::new();
         let namespaces = self
             .st
             .pods
             .iter()
+            .filter(|p| !p.is_sandbox())
             .map(|p| p.ns.clone())
             .chain(self.st.extra_ns.iter().cloned())
             .chain(self.st.nodes.iter().map(|n| n.ns.clone()))
@@ -845,12 +1246,46 @@ impl Lab {
             return Err(Error::Lab(errors.join("; ")));
         }
         let dir = self.state_dir();
+        // Never recurse into a filesystem still mounted below the state dir.
+        let mounts = containerd::mounts_below(&dir);
+        if !mounts.is_empty() {
+            return Err(Error::Lab(format!(
+                "still mounted below {}: {mounts:?}",
+                dir.display()
+            )));
+        }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io(dir)(e)),
         }
     }
+}
+
+/// Labs beyond this many nodes get summaries instead of a line per node.
+pub const DETAIL_NODES: usize = 20;
+/// Beyond this many pods, connectivity is probed on sampled pairs instead of every pair.
+pub const MATRIX_PODS: usize = 12;
+/// Ordered pod pairs probed when sampling.
+pub const SAMPLED_PAIRS: usize = 48;
+
+/// How long a start of `nodes` daemons may take to turn Ready: generous, growing with N.
+pub fn ready_timeout(nodes: usize) -> u64 {
+    60 + nodes as u64 / 4
+}
+
+/// p50 and max of the daemons' start → Ready times, and when the last one turned Ready.
+fn ready_summary(waited: &[Duration], since_first: Duration) -> String {
+    let mut v: Vec<f64> = waited.iter().map(Duration::as_secs_f64).collect();
+    v.sort_by(f64::total_cmp);
+    format!(
+        "{} nodes NotReady -> Ready: conflist written p50 {:.2} s, max {:.2} s after each twilld \
+         started; all Ready {:.1} s after the first twilld started",
+        v.len(),
+        scale::percentile(&v, 50.0),
+        v.last().copied().unwrap_or(0.0),
+        since_first.as_secs_f64()
+    )
 }
 
 /// Builds a lab of `nodes` nodes with `pods` pods each, reporting progress on `out`.
@@ -878,66 +1313,59 @@ pub fn up(
             t0.elapsed().as_secs_f64()
         ),
     );
-    let mut started = Vec::new();
-    for _ in 0..nodes {
-        started.push((lab.add_node()?, Instant::now()));
-    }
+    let t_nodes = Instant::now();
+    let started = lab.add_nodes(nodes)?;
+    let detail = started.len() <= DETAIL_NODES;
     say(
         out,
-        format!("\nstarted {} twilld:\n{}", started.len(), lab.nodes_table()),
+        format!(
+            "\nstarted {} twilld in {:.1} s:\n{}",
+            started.len(),
+            t_nodes.elapsed().as_secs_f64(),
+            lab.nodes_table()
+        ),
     );
-    // Report each node's NotReady -> Ready transition, timed from its twilld's start.
-    let mut pending = started.clone();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !pending.is_empty() {
-        let mut still = Vec::new();
-        for (n, t) in pending {
-            match lab.node_state(&n) {
-                NodeState::Ready => say(
-                    out,
-                    format!(
-                        "{n}: NotReady -> Ready ({} written {:.2} s after twilld started)",
-                        lab.network(&n)
-                            .ok()
-                            .and_then(|l| l
-                                .file
-                                .file_name()
-                                .map(|f| f.to_string_lossy().into_owned()))
-                            .unwrap_or_default(),
-                        t.elapsed().as_secs_f64()
-                    ),
-                ),
-                NodeState::Stopped => {
-                    return Err(Error::Lab(format!(
-                        "twilld of {n} exited; see {}",
-                        lab.daemon_log(&n).display()
-                    )))
-                }
-                NodeState::NotReady => still.push((n, t)),
-            }
+    // Each node's NotReady -> Ready transition, timed from its twilld's start; one line per
+    // node for small labs, a summary for large ones.
+    let mut lines = Vec::new();
+    let waited = lab.wait_ready_many(&started, ready_timeout(started.len()), |n, d| {
+        if detail {
+            let file = lab
+                .network(n)
+                .ok()
+                .and_then(|l| l.file.file_name().map(|f| f.to_string_lossy().into_owned()))
+                .unwrap_or_default();
+            lines.push(format!(
+                "{n}: NotReady -> Ready ({file} written {:.2} s after twilld started)",
+                d.as_secs_f64()
+            ));
         }
-        pending = still;
-        if !pending.is_empty() {
-            if Instant::now() > deadline {
-                return Err(Error::Timeout {
-                    what: format!("{} to become Ready", pending[0].0),
-                    secs: 60,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    })?;
+    for l in lines {
+        say(out, l);
+    }
+    if !detail && !waited.is_empty() {
+        say(out, ready_summary(&waited, t_nodes.elapsed()));
     }
     let names: Vec<String> = started.into_iter().map(|(n, _)| n).collect();
     say(out, format!("\n{}", lab.nodes_table()));
+    if lab.runtime_kind() == runtime::Kind::Containerd {
+        lab.report_containerds(out)?;
+    }
     for n in &names {
         for _ in 0..pods {
             lab.add_pod(n)?;
         }
     }
-    say(out, lab.pods_table());
-    if !lab.pods().is_empty() {
-        let m = lab.matrix()?;
-        say(out, lab.matrix_table(&m));
+    if pods > 0 {
+        say(out, lab.pods_table());
+    }
+    if lab.runtime_kind() == runtime::Kind::Containerd {
+        say(out, lab.containerd_table());
+    }
+    let probed = lab.probe_report()?;
+    if !probed.is_empty() {
+        say(out, probed);
     }
     say(
         out,

@@ -43,6 +43,35 @@ enum Command {
         /// Let the bridge plugin masquerade instead of twilld (twilld without --ip-masq).
         #[arg(long)]
         no_ip_masq: bool,
+        /// What attaches the pods: the lab's own CNI runtime (fastest), or a containerd per
+        /// node driven through CRI (RunPodSandbox, real sandboxes; needs containerd, runc
+        /// and busybox-static).
+        #[arg(long, value_enum, default_value_t = lab::runtime::Kind::Lab)]
+        runtime: lab::runtime::Kind,
+        /// Cluster pod network written to etcd (default: 10.244.0.0/16 up to 200 nodes,
+        /// 10.0.0.0/8 beyond).
+        #[arg(long)]
+        network: Option<String>,
+        /// twilld's --reconcile-interval in seconds (default: twilld's own, 10 s); large labs on
+        /// one machine may want more (docs/capacity.md).
+        #[arg(long)]
+        reconcile_interval: Option<u64>,
+    },
+    /// Measure a lab of N real nodes (its own, `<name>-scale`, removed afterwards): start-up
+    /// to Ready and full mesh, join/leave propagation, a renewal storm, idle etcd load,
+    /// twilld CPU and memory, etcd's memory and DB size.
+    Scale {
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        /// Join/leave samples (a lease written, then deleted).
+        #[arg(long, default_value_t = 20)]
+        joins: usize,
+        /// Seconds of the idle window (etcd requests, CPU).
+        #[arg(long, default_value_t = 60)]
+        idle_secs: u64,
+        /// twilld's --reconcile-interval (default: twilld's own, 10 s).
+        #[arg(long)]
+        reconcile_interval: Option<u64>,
     },
     /// Print the node, pod and connectivity tables of a running lab.
     Status {
@@ -98,9 +127,17 @@ fn run(cli: &Cli) -> lab::Result<()> {
             nodes,
             pods,
             no_ip_masq,
+            runtime,
+            network,
+            reconcile_interval,
         } => {
             let mut o = options(cli, &cli.name);
             o.ip_masq = !no_ip_masq;
+            o.runtime = *runtime;
+            o.network = network
+                .clone()
+                .unwrap_or_else(|| lab::addr::default_network(*nodes).to_string());
+            o.reconcile_interval = *reconcile_interval;
             match lab::up(o, *nodes, *pods, &mut out) {
                 Ok(_) => {
                     let _ = writeln!(out, "remove it with: twill-lab down{}", name_flag(cli));
@@ -118,10 +155,35 @@ fn run(cli: &Cli) -> lab::Result<()> {
         Command::Status { no_probe } => {
             let lab = open(cli)?;
             let _ = writeln!(out, "{}\n{}", lab.nodes_table(), lab.pods_table());
-            if !no_probe && !lab.pods().is_empty() {
-                let m = lab.matrix()?;
-                let _ = write!(out, "{}", lab.matrix_table(&m));
+            let cri = lab.containerd_table();
+            if !cri.is_empty() {
+                let _ = writeln!(out, "{cri}");
             }
+            if !no_probe && !lab.pods().is_empty() {
+                let _ = write!(out, "{}", lab.probe_report()?);
+            }
+            Ok(())
+        }
+        Command::Scale {
+            nodes,
+            joins,
+            idle_secs,
+            reconcile_interval,
+        } => {
+            let name = format!("{}-scale", cli.name);
+            if let Some(stale) = Lab::open(&cli.root, &name)? {
+                stale.down()?;
+            }
+            let mut o = options(cli, &name);
+            o.network = lab::addr::default_network(nodes + joins).to_string();
+            o.reconcile_interval = *reconcile_interval;
+            let so = lab::scale::ScaleOptions {
+                nodes: *nodes,
+                joins: *joins,
+                idle_secs: *idle_secs,
+            };
+            let report = lab::scale::run(o, &so, &mut out)?;
+            let _ = write!(out, "\n{report}");
             Ok(())
         }
         Command::Down => match Lab::open(&cli.root, &cli.name)? {

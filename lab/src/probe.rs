@@ -10,17 +10,27 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::error::{io, Error, Result};
-use crate::process::succeeds_in;
+use crate::process::{run, succeeds_in};
 
 /// Port of the lab's echo listener inside every pod.
 pub const ECHO_PORT: u16 = 7777;
+
+/// A pod's netns: a name below /run/netns (the lab's runtime), or the absolute path of a
+/// containerd sandbox's netns mount (`--runtime containerd`).
+pub fn netns_path(ns: &str) -> String {
+    if ns.starts_with('/') {
+        ns.to_string()
+    } else {
+        format!("/run/netns/{ns}")
+    }
+}
 
 /// Runs `f` on a short-lived thread inside netns `ns` (twill_common::netns::run_in).
 pub fn in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> Result<T> {
-    let path = format!("/run/netns/{ns}");
+    let path = netns_path(ns);
     let file = twill_common::netns::open(std::path::Path::new(&path)).map_err(io(&path))?;
     twill_common::netns::run_in(Some(file), f)
         .and_then(|r| r)
@@ -95,7 +105,17 @@ pub fn tcp_exchange(ns: &str, ip: Ipv4Addr, timeout: Duration) -> bool {
 /// One ICMP echo from inside `ns`, retried a few times (the first may wait for ARP).
 pub fn ping(ns: &str, ip: Ipv4Addr, attempts: u32) -> bool {
     let ip = ip.to_string();
-    (0..attempts).any(|_| succeeds_in(ns, &["ping", "-c", "1", "-W", "1", "-q", &ip]))
+    let argv = ["ping", "-c", "1", "-W", "1", "-q", &ip];
+    // `ip netns exec` takes names only; a sandbox's netns is entered by path.
+    let net = format!("--net={}", netns_path(ns));
+    let nsenter = [&["nsenter", net.as_str()][..], &argv[..]].concat();
+    (0..attempts).any(|_| {
+        if ns.starts_with('/') {
+            run(&nsenter).is_ok()
+        } else {
+            succeeds_in(ns, &argv)
+        }
+    })
 }
 
 /// Outcome of probing one ordered pod pair.
@@ -143,4 +163,86 @@ pub fn matrix(endpoints: &[(String, Ipv4Addr)]) -> Result<Vec<Vec<Option<Reach>>
         .collect();
     drop(servers);
     out
+}
+
+/// Up to `k` distinct ordered pairs `(i, j)`, `i != j`, of `n` endpoints, spread evenly: pair
+/// `m` goes from endpoint `m·n/k` to the one `n/2 + m` further on (so sources cover the whole
+/// list and destinations differ from sources' neighbours). Deterministic: a re-run of
+/// `status` probes the same pairs.
+pub fn sample_pairs(n: usize, k: usize) -> Vec<(usize, usize)> {
+    if n < 2 {
+        return Vec::new();
+    }
+    if n * (n - 1) <= k {
+        return (0..n)
+            .flat_map(|i| (0..n).filter(move |j| *j != i).map(move |j| (i, j)))
+            .collect();
+    }
+    let mut out = Vec::with_capacity(k);
+    let mut m = 0;
+    while out.len() < k && m < 4 * k {
+        let i = m * n / k % n;
+        let mut j = (i + n / 2 + m) % n;
+        if j == i {
+            j = (j + 1) % n;
+        }
+        if !out.contains(&(i, j)) {
+            out.push((i, j));
+        }
+        m += 1;
+    }
+    out
+}
+
+/// Probes the given ordered pairs of `(netns, ip)` endpoints (ping + TCP echo), a thread per
+/// source; echo servers run only in the pairs' destinations.
+pub fn pairs(endpoints: &[(String, Ipv4Addr)], pairs: &[(usize, usize)]) -> Result<Vec<Reach>> {
+    let mut dests: Vec<usize> = pairs.iter().map(|p| p.1).collect();
+    dests.sort_unstable();
+    dests.dedup();
+    let servers: Vec<EchoServer> = dests
+        .iter()
+        .map(|d| EchoServer::start(&endpoints[*d].0))
+        .collect::<Result<_>>()?;
+    let handles: Vec<thread::JoinHandle<Reach>> = pairs
+        .iter()
+        .map(|(i, j)| {
+            let (ns, ip) = (endpoints[*i].0.clone(), endpoints[*j].1);
+            thread::spawn(move || Reach {
+                ping: ping(&ns, ip, 3),
+                tcp: tcp_exchange(&ns, ip, Duration::from_secs(2)),
+            })
+        })
+        .collect();
+    let out = handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .map_err(|_| Error::Lab("probe thread panicked".into()))
+        })
+        .collect();
+    drop(servers);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampled_pairs_are_distinct_ordered_pairs_spread_over_the_sources() {
+        for n in [2usize, 3, 7, 40, 1000] {
+            let p = sample_pairs(n, 48);
+            assert_eq!(p.len(), (n * (n - 1)).min(48), "n={n}");
+            assert!(p.iter().all(|(i, j)| i != j && *i < n && *j < n));
+            let mut d = p.clone();
+            d.sort_unstable();
+            d.dedup();
+            assert_eq!(d.len(), p.len());
+        }
+        let srcs: std::collections::HashSet<usize> =
+            sample_pairs(1000, 48).iter().map(|p| p.0).collect();
+        assert!(srcs.len() >= 40, "{srcs:?}");
+        assert!(sample_pairs(1, 48).is_empty());
+    }
 }

@@ -76,29 +76,40 @@ impl Proc {
     /// Starts `argv` inside netns `ns` in the background, output appended to `log`.
     /// It gets its own process group so a Ctrl-C on the lab command does not reach it.
     pub fn spawn_in(ns: &str, argv: &[&str], env: &[(&str, &str)], log: &Path) -> Result<Proc> {
+        // `ip netns exec` execs the program, so the PID we get is the program's.
+        let mut full = vec!["ip", "netns", "exec", ns];
+        full.extend_from_slice(argv);
+        Proc::spawn_named(argv[0], &full, env, log)
+    }
+
+    /// Starts `argv` in the background like [`Proc::spawn_in`], in the current namespaces
+    /// (`argv` may enter others itself, e.g. with `nsenter`, which execs its program too).
+    pub fn spawn(argv: &[&str], env: &[(&str, &str)], log: &Path) -> Result<Proc> {
+        Proc::spawn_named(argv[0], argv, env, log)
+    }
+
+    /// [`Proc::spawn`], naming the program as `name` when it exits at once.
+    fn spawn_named(name: &str, argv: &[&str], env: &[(&str, &str)], log: &Path) -> Result<Proc> {
         let out = OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .map_err(io(log))?;
         let err = out.try_clone().map_err(io(log))?;
-        // `ip netns exec` execs the program, so the PID we get is the program's.
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(argv)
+        let child = Command::new(argv[0])
+            .args(&argv[1..])
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .process_group(0)
             .spawn()
-            .map_err(io("ip"))?;
+            .map_err(io(argv[0]))?;
         let pid = child.id() as i32;
         // The child is reaped by whoever outlives it; dropping the handle does not kill it.
         drop(child);
-        let start_time = start_time(pid).ok_or_else(|| {
-            Error::Lab(format!("{} exited at once; see {}", argv[0], log.display()))
-        })?;
+        let start_time = start_time(pid)
+            .ok_or_else(|| Error::Lab(format!("{name} exited at once; see {}", log.display())))?;
         Ok(Proc { pid, start_time })
     }
 
@@ -126,6 +137,18 @@ impl Proc {
         }
         if self.alive() {
             self.signal(libc::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.alive() && Instant::now() < deadline {
+                reap(self.pid);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        reap(self.pid);
+    }
+
+    /// SIGKILL at once (a power cut, no chance to clean up); returns once the process is gone.
+    pub fn kill(&self) {
+        if self.signal(libc::SIGKILL) {
             let deadline = Instant::now() + Duration::from_secs(5);
             while self.alive() && Instant::now() < deadline {
                 reap(self.pid);

@@ -12,6 +12,28 @@ use serde_json::{json, Map, Value};
 
 use crate::error::{io, Error, Result};
 
+/// Which runtime attaches the lab's pods.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// This module: plugins exec'd straight from the lab, pods are named netns. Fastest, and
+    /// needs nothing beyond the lab's own packages.
+    #[default]
+    Lab,
+    /// A containerd (1.6, runc) per node, pods are CRI sandboxes (`RunPodSandbox`) whose
+    /// networks containerd's go-cni sets up: what a kubelet node does.
+    Containerd,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Lab => "lab",
+            Kind::Containerd => "containerd",
+        })
+    }
+}
+
 /// Versions this runtime speaks (libcni's `version.All`).
 pub const SUPPORTED_VERSIONS: &[&str] = &[
     "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0",
