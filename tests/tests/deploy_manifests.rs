@@ -367,29 +367,6 @@ fn every_flag_the_manifests_use_exists_in_twilld() {
     assert!(checked > 10, "only {checked} env vars checked");
 }
 
-/// Dockerfile instructions with continuation lines joined and comment lines dropped.
-fn dockerfile_instructions(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    for line in text.lines() {
-        let t = line.trim();
-        if t.starts_with('#') || (t.is_empty() && cur.is_empty()) {
-            continue;
-        }
-        match t.strip_suffix('\\') {
-            Some(part) => {
-                cur.push_str(part);
-                cur.push(' ');
-            }
-            None => {
-                cur.push_str(t);
-                out.push(std::mem::take(&mut cur));
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn dockerfile_ships_what_the_manifests_expect() {
     let root = repo();
@@ -475,7 +452,7 @@ fn dockerfile_ships_what_the_manifests_expect() {
     assert_eq!(images.len(), 1, "{images:?}");
 
     // Every RUN script is valid /bin/sh (what the builder runs it with); checked with `sh -n`.
-    let runs = dockerfile_instructions(&dockerfile)
+    let runs = twill_tests::deploy::dockerfile_instructions(&dockerfile)
         .into_iter()
         .filter_map(|i| i.strip_prefix("RUN ").map(str::to_string))
         .collect::<Vec<_>>();

@@ -183,34 +183,16 @@ fn setup_check_names_missing_well_known_types_like_the_build_would_hit() {
     assert_eq!(fake.installer_calls(), "", "--check must not install");
 }
 
-/// Dockerfile instructions of the first (build) stage, continuation lines joined, comments dropped.
+/// Dockerfile instructions of the first (build) stage.
 fn build_stage_instructions(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
     let mut froms = 0;
-    for line in text.lines() {
-        let t = line.trim();
-        if t.starts_with('#') || (t.is_empty() && cur.is_empty()) {
-            continue;
-        }
-        if cur.is_empty() && t.starts_with("FROM ") {
-            froms += 1;
-        }
-        if froms != 1 {
-            continue;
-        }
-        match t.strip_suffix('\\') {
-            Some(part) => {
-                cur.push_str(part);
-                cur.push(' ');
-            }
-            None => {
-                cur.push_str(t);
-                out.push(std::mem::take(&mut cur));
-            }
-        }
-    }
-    out
+    twill_tests::deploy::dockerfile_instructions(text)
+        .into_iter()
+        .filter(|i| {
+            froms += i.starts_with("FROM ") as u32;
+            froms == 1
+        })
+        .collect()
 }
 
 #[test]

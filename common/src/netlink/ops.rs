@@ -196,17 +196,21 @@ impl Netlink {
         )
     }
 
-    /// The interface of the IPv4 default route (lowest metric first).
-    pub async fn default_route_oif(&self) -> Result<Option<u32>> {
+    /// Every IPv4 route the kernel lists (all tables).
+    async fn dump_routes(&self) -> Result<Vec<RouteMessage>> {
         let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let routes: Vec<RouteMessage> = self
-            .handle
+        self.handle
             .route()
             .get(msg)
             .execute()
             .try_collect()
             .await
-            .map_err(NlError::kernel("list routes"))?;
+            .map_err(NlError::kernel("list routes"))
+    }
+
+    /// The interface of the IPv4 default route (lowest metric first).
+    pub async fn default_route_oif(&self) -> Result<Option<u32>> {
+        let routes = self.dump_routes().await?;
         let mut best: Option<(u32, u32)> = None;
         for r in routes {
             if r.header.destination_prefix_length != 0
@@ -425,15 +429,7 @@ impl Netlink {
 
     /// IPv4 unicast routes of the main table.
     pub async fn main_routes(&self) -> Result<Vec<RouteEntry>> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let msgs: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(msg)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(NlError::kernel("list routes"))?;
+        let msgs = self.dump_routes().await?;
         let mut out = Vec::new();
         for m in msgs {
             // Every type counts: a foreign blackhole or unreachable route to a peer's prefix
