@@ -111,6 +111,7 @@ impl Etcd {
             .prefix("twill-etcd")
             .tempdir()
             .expect("etcd temp dir");
+        let loopback_ports = netns.is_none();
         let mut e = Etcd {
             tls,
             netns,
@@ -120,6 +121,18 @@ impl Etcd {
             dir,
             child: None,
         };
+        // free_port() only promises a port was free a moment ago: another test may bind it
+        // first. On loopback, pick new ports and try again.
+        for _ in 0..5 {
+            match e.try_start() {
+                Ok(()) => return e,
+                Err(log) if loopback_ports && log.contains("address already in use") => {
+                    e.client_port = free_port();
+                    e.peer_port = free_port();
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
         e.start();
         e
     }
@@ -147,8 +160,15 @@ impl Etcd {
 
     /// Starts etcd (again) on the same data dir and waits until it answers.
     pub fn start(&mut self) {
+        if let Err(log) = self.try_start() {
+            panic!("{log}");
+        }
+    }
+
+    /// [`Etcd::start`], returning why etcd exited instead of panicking.
+    fn try_start(&mut self) -> Result<(), String> {
         if self.child.is_some() {
-            return;
+            return Ok(());
         }
         let peer = format!("http://{}:{}", self.ip, self.peer_port);
         let client = self.endpoint();
@@ -179,10 +199,10 @@ impl Etcd {
             .spawn()
             .expect("spawn etcd");
         self.child = Some(child);
-        self.wait_healthy(Duration::from_secs(30));
+        self.wait_healthy(Duration::from_secs(30))
     }
 
-    fn wait_healthy(&mut self, timeout: Duration) {
+    fn wait_healthy(&mut self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self
@@ -191,14 +211,14 @@ impl Etcd {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 self.child = None;
-                panic!(
+                return Err(format!(
                     "etcd exited with {status}: {}",
                     std::fs::read_to_string(self.log_path()).unwrap_or_default()
-                );
+                ));
             }
             let out = self.etcdctl_output(&["endpoint", "health", "--command-timeout=1s"]);
             if out.status.success() {
-                return;
+                return Ok(());
             }
             if Instant::now() > deadline {
                 panic!(
